@@ -150,6 +150,8 @@ class SqueueRow:
     state: str  # PENDING, RUNNING, COMPLETING, ...
     job_name: str
     user: str
+    # squeue %k; the resubmitter finds its own submissions by their --comment tag
+    comment: str = ""
 
 
 # Slurm states after which a job will not run again on its own.
