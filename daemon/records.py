@@ -95,6 +95,9 @@ class LogCursor:
     # classify.LogScanner state (JSON) so a grown file is read from ``offset`` only
     scan_state: dict[str, Any] | None = None
     done: bool = False  # its job was classified; no need to read it again
+    # "<n>:<sha1 of the first n bytes>" (logs.py): a rewrite in place that regrew past
+    # ``offset`` (a requeued job's log) is noticed although inode and size look fine
+    head: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return _to_json(self)
