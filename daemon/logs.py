@@ -1,0 +1,408 @@
+"""Finding job logs, mapping file names to tasks, and reading only the new bytes of a log.
+
+Two users: ``analyze`` walks a folder once (:func:`scan_log_tree`), the daemon follows
+growing files tick after tick (:func:`read_new_bytes` / :func:`advance_cursor`).
+
+File names: each pattern is a regular expression matched against the file *stem* (the name
+without a suffix from ``analyze.log_suffixes``) with named groups ``job`` and optionally
+``task`` and ``prefix``. The first pattern that matches wins. The defaults:
+
+- ``slurm-JOBID`` / ``slurm-JOBID_TASK`` (Slurm's own default names): any job id.
+- ``PREFIX_JOBID_TASK`` and ``PREFIX_JOBID`` (``_`` or ``-`` before the id), and a bare
+  ``JOBID[_TASK]``: the job id needs at least 3 digits, and a number that reads as a year
+  (1970-2099) or a date (YYYYMMDD) is *not* taken as a job id, so ``results_2024.err`` or
+  ``sweep_20260125.err`` are skipped rather than misread. A cluster young enough to hand
+  out such ids can set ``analyze.log_name_patterns``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError, InputError
+from .model import TaskKey
+from .records import LogCursor
+
+if TYPE_CHECKING:
+    from .classify import ScanFindings, SignatureTable
+    from .settings import AnalyzeSettings
+
+log = logging.getLogger(__name__)
+
+# A number that is a year or a calendar date is far more often part of an experiment
+# name than a job id; see the module docstring.
+_NOT_A_DATE = r"(?!(?:19[7-9]\d|20\d\d)(?:(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01]))?(?:_|$))"
+
+DEFAULT_LOG_NAME_PATTERNS: tuple[str, ...] = (
+    r"^(?P<prefix>slurm)-(?P<job>\d+)(?:_(?P<task>\d+))?$",
+    rf"^(?P<prefix>.+?)[_-]{_NOT_A_DATE}(?P<job>\d{{3,}})_(?P<task>\d+)$",
+    rf"^(?P<prefix>.+?)[_-]{_NOT_A_DATE}(?P<job>\d{{3,}})$",
+    rf"^{_NOT_A_DATE}(?P<job>\d{{3,}})(?:_(?P<task>\d+))?$",
+)
+
+# Bytes read per call; bounds memory whatever the file size.
+CHUNK_SIZE = 1 << 20
+# The first bytes of a file are fingerprinted so a rewrite in place (a requeued job's log is
+# truncated and written again, same inode) is noticed even when it has already regrown.
+HEAD_BYTES = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class JobLogs:
+    """The log files of one task: the ``.err`` and its sibling ``.out`` (either may be absent)."""
+
+    key: TaskKey
+    prefix: str
+    err: Path | None
+    out: Path | None
+    mtime: float
+
+    @property
+    def paths(self) -> list[Path]:
+        return [p for p in (self.err, self.out) if p is not None]
+
+    @property
+    def main(self) -> Path:
+        """The file to name in reports: the ``.err`` when there is one."""
+        first = self.err or self.out
+        assert first is not None  # a JobLogs always has at least one file
+        return first
+
+
+@dataclass(slots=True)
+class LogTree:
+    """What a walk of a log folder found."""
+
+    jobs: list[JobLogs] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    skipped: int = 0  # files with a log suffix whose name did not match a pattern
+    total_bytes: int = 0
+
+
+def compile_patterns(patterns: Sequence[str] | None) -> list[re.Pattern[str]]:
+    """The user's patterns, or the defaults when none are configured."""
+    texts = list(patterns) if patterns else list(DEFAULT_LOG_NAME_PATTERNS)
+    compiled: list[re.Pattern[str]] = []
+    for text in texts:
+        try:
+            rx = re.compile(text)
+        except re.error as exc:
+            raise ConfigError(f"analyze.log_name_patterns: bad regex {text!r}: {exc}") from exc
+        if "job" not in rx.groupindex:
+            raise ConfigError(f"analyze.log_name_patterns: {text!r} has no (?P<job>...) group")
+        compiled.append(rx)
+    return compiled
+
+
+def parse_log_name(
+    name: str, patterns: Sequence[re.Pattern[str]] | Sequence[str] | None = None
+) -> tuple[str, TaskKey] | None:
+    """``"ttc_claude_4150554_12"`` -> ``("ttc_claude", TaskKey("4150554", 12))``; None if no match.
+
+    ``name`` is a file stem (no suffix). A file name with a suffix also works when the
+    suffix is not part of what the pattern matches (the defaults anchor on digits).
+    """
+    compiled: Sequence[re.Pattern[str]]
+    if patterns and isinstance(patterns[0], str):
+        compiled = compile_patterns([str(p) for p in patterns])
+    elif patterns:
+        compiled = [p for p in patterns if isinstance(p, re.Pattern)]
+    else:
+        compiled = _default_compiled()
+    for rx in compiled:
+        m = rx.match(name)
+        if m is None:
+            continue
+        job = m.group("job")
+        if not job or not job.isdigit():
+            continue
+        task_text = m.groupdict().get("task")
+        task = int(task_text) if task_text else None
+        prefix = m.groupdict().get("prefix") or ""
+        return prefix, TaskKey(str(int(job)), task)
+    return None
+
+
+_DEFAULTS_CACHE: list[re.Pattern[str]] = []
+
+
+def _default_compiled() -> list[re.Pattern[str]]:
+    if not _DEFAULTS_CACHE:
+        _DEFAULTS_CACHE.extend(compile_patterns(None))
+    return _DEFAULTS_CACHE
+
+
+def _split_suffix(name: str, suffixes: Sequence[str]) -> tuple[str, str] | None:
+    for suffix in suffixes:
+        if suffix and name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)], suffix
+    return None
+
+
+def scan_log_tree(log_dir: Path, settings: AnalyzeSettings) -> LogTree:
+    """Walk ``log_dir`` recursively and group log files by task.
+
+    Symlinked folders are followed once (a loop is detected by device and inode); an
+    unreadable subfolder is a warning, not an error. Two log sets for the same task (a copy
+    in another folder) keep the newest and warn.
+    """
+    patterns = compile_patterns(settings.log_name_patterns)
+    suffixes = list(settings.log_suffixes) or [".err", ".out"]
+    err_suffix = suffixes[0]
+    tree = LogTree()
+    # (folder, stem) -> suffix -> (path, mtime, size)
+    groups: dict[tuple[str, str], dict[str, tuple[Path, float, int]]] = {}
+    names: dict[tuple[str, str], tuple[str, TaskKey]] = {}
+
+    try:
+        root_st = os.stat(log_dir)
+    except OSError as exc:
+        raise InputError(f"cannot read log folder {log_dir}: {exc.strerror}") from exc
+    seen_dirs: set[tuple[int, int]] = {(root_st.st_dev, root_st.st_ino)}
+    stack: list[Path] = [log_dir]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            if folder == log_dir:
+                raise InputError(f"cannot read log folder {log_dir}: {exc.strerror}") from exc
+            tree.warnings.append(f"skipped unreadable folder {folder}: {exc.strerror}")
+            continue
+        subdirs: list[Path] = []
+        for entry in entries:
+            path = folder / entry.name
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    st = entry.stat(follow_symlinks=True)
+                    ident = (st.st_dev, st.st_ino)
+                    if ident in seen_dirs:
+                        log.debug("folder already visited (symlink loop?): %s", path)
+                        continue
+                    seen_dirs.add(ident)
+                    subdirs.append(path)
+                    continue
+                split = _split_suffix(entry.name, suffixes)
+                if split is None:
+                    continue
+                stem, suffix = split
+                parsed = parse_log_name(stem, patterns)
+                if parsed is None:
+                    log.debug("not a job log name, skipped: %s", path)
+                    tree.skipped += 1
+                    continue
+                st = entry.stat(follow_symlinks=True)
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+            except OSError as exc:
+                tree.warnings.append(f"skipped {path}: {exc.strerror}")
+                continue
+            gkey = (str(folder), stem)
+            groups.setdefault(gkey, {})[suffix] = (path, st.st_mtime, st.st_size)
+            names[gkey] = parsed
+        # Reversed so the stack pops folders in name order: a stable output order.
+        stack.extend(reversed(subdirs))
+
+    by_key: dict[TaskKey, JobLogs] = {}
+    for gkey, files in groups.items():
+        prefix, key = names[gkey]
+        err = files.get(err_suffix)
+        others = [files[s] for s in suffixes[1:] if s in files]
+        out = others[0] if others else None
+        mtime = max(f[1] for f in files.values())
+        tree.total_bytes += sum(f[2] for f in files.values())
+        job = JobLogs(
+            key=key,
+            prefix=prefix,
+            err=err[0] if err else None,
+            out=out[0] if out else None,
+            mtime=mtime,
+        )
+        previous = by_key.get(key)
+        if previous is not None:
+            keep, drop = (job, previous) if job.mtime > previous.mtime else (previous, job)
+            tree.warnings.append(
+                f"two log sets for task {key}: {keep.main} and {drop.main};"
+                f" using the newer {keep.main}"
+            )
+            by_key[key] = keep
+        else:
+            by_key[key] = job
+    tree.jobs = sorted(by_key.values(), key=lambda j: (_job_sort(j.key), str(j.main)))
+    return tree
+
+
+def _job_sort(key: TaskKey) -> tuple[int, int]:
+    return (
+        int(key.job_id) if key.job_id.isdigit() else 0,
+        -1 if key.array_task is None else key.array_task,
+    )
+
+
+def find_job_logs(
+    log_dir: Path, settings: AnalyzeSettings, warnings: list[str] | None = None
+) -> list[JobLogs]:
+    """The job logs under ``log_dir`` (see :func:`scan_log_tree`); warnings appended if given."""
+    tree = scan_log_tree(log_dir, settings)
+    if warnings is not None:
+        warnings.extend(tree.warnings)
+    return tree.jobs
+
+
+# ---------------------------------------------------------------------------------------
+# The daemon's incremental reader
+
+
+@dataclass(frozen=True, slots=True)
+class FileStat:
+    dev: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStat:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def stat_log(path: Path | str) -> FileStat | None:
+    """The file's identity and size, or None when it does not exist (yet)."""
+    try:
+        return FileStat.of(os.stat(path))
+    except FileNotFoundError:
+        return None
+
+
+def restart_reason(cursor: LogCursor, st: FileStat) -> str | None:
+    """Why reading must start again from byte 0, or None to continue at ``cursor.offset``.
+
+    Pure: compares what the cursor remembers with a fresh stat. The head fingerprint
+    (checked separately, it needs a read) catches a rewrite that has regrown past the offset.
+    """
+    if cursor.inode == 0 and cursor.offset == 0:
+        return None  # never read yet
+    if (st.dev, st.inode) != (cursor.dev, cursor.inode):
+        return "rotated"
+    if st.size < cursor.offset:
+        return "truncated"
+    if cursor.mtime_ns and st.mtime_ns < cursor.mtime_ns:
+        return "rewritten"
+    return None
+
+
+def _head_signature(data: bytes) -> str:
+    return f"{len(data)}:{hashlib.sha1(data, usedforsecurity=False).hexdigest()}"
+
+
+@dataclass(slots=True)
+class CursorRead:
+    """The outcome of one :func:`read_new_bytes` call."""
+
+    cursor: LogCursor
+    bytes_read: int = 0
+    restarted: str | None = None  # "rotated", "truncated", "rewritten"
+    missing: bool = False
+    more: bool = False  # stopped at max_bytes; call again to read the rest
+
+
+def read_new_bytes(
+    cursor: LogCursor,
+    sink: Callable[[bytes], None],
+    *,
+    on_restart: Callable[[str], None] | None = None,
+    max_bytes: int | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> CursorRead:
+    """Feed the bytes written since ``cursor.offset`` to ``sink``, in bounded chunks.
+
+    Updates ``cursor`` in place (dev, inode, size, offset, mtime_ns, head; not
+    ``scan_state``, which is the caller's). On truncation, rotation or rewrite,
+    ``on_restart(reason)`` runs first so the caller can drop its scanner state, then the
+    file is read from byte 0.
+    ``max_bytes`` bounds one call (a huge file is read over several ticks).
+    Raises OSError when the file exists but cannot be read.
+    """
+    path = cursor.path
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return CursorRead(cursor=cursor, missing=True)
+    result = CursorRead(cursor=cursor)
+    try:
+        st = FileStat.of(os.fstat(fd))
+        reason = restart_reason(cursor, st)
+        if reason is None and cursor.offset > 0 and cursor.head:
+            want = int(cursor.head.split(":", 1)[0])
+            if _head_signature(os.pread(fd, want, 0)) != cursor.head:
+                reason = "rewritten"
+        if reason is not None:
+            result.restarted = reason
+            if on_restart is not None:
+                on_restart(reason)
+            cursor.offset = 0
+            cursor.head = ""
+            cursor.done = False
+        cursor.dev, cursor.inode = st.dev, st.inode
+        budget = max_bytes if max_bytes is not None else st.size
+        # Read up to the size seen now; bytes appended meanwhile wait for the next call.
+        end = min(st.size, cursor.offset + budget)
+        pos = cursor.offset
+        while pos < end:
+            data = os.pread(fd, min(chunk_size, end - pos), pos)
+            if not data:
+                break  # shrank under us; the next call sees the truncation
+            sink(data)
+            pos += len(data)
+        result.bytes_read = pos - cursor.offset
+        cursor.offset = pos
+        cursor.size = st.size
+        cursor.mtime_ns = st.mtime_ns
+        result.more = pos < st.size
+        if (not cursor.head or int(cursor.head.split(":", 1)[0]) < HEAD_BYTES) and pos > 0:
+            cursor.head = _head_signature(os.pread(fd, min(pos, HEAD_BYTES), 0))
+    finally:
+        os.close(fd)
+    return result
+
+
+def advance_cursor(
+    cursor: LogCursor,
+    table: SignatureTable,
+    *,
+    max_bytes: int | None = None,
+) -> tuple[ScanFindings | None, CursorRead]:
+    """Read a log's new bytes through a classifier scanner resumed from ``cursor.scan_state``.
+
+    Returns the findings over the whole file so far (None if the file does not exist yet).
+    """
+    from .classify import LogScanner
+
+    scanner: Any = (
+        LogScanner.from_state(table, cursor.path, cursor.scan_state)
+        if cursor.scan_state and cursor.offset > 0
+        else LogScanner(table, cursor.path)
+    )
+
+    def restart(_reason: str) -> None:
+        nonlocal scanner
+        scanner = LogScanner(table, cursor.path)
+
+    read = read_new_bytes(cursor, scanner.feed, on_restart=restart, max_bytes=max_bytes)
+    if read.missing:
+        return None, read
+    cursor.scan_state = scanner.state()
+    return scanner.findings(), read
+
+
+def iter_paths(jobs: Iterable[JobLogs]) -> Iterable[Path]:
+    for job in jobs:
+        yield from job.paths
