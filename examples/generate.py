@@ -1,5 +1,6 @@
 import json, os, pathlib
-root = pathlib.Path("/work/main/examples")
+# Regenerates the example tree: python examples/generate.py
+root = pathlib.Path(__file__).resolve().parent
 logs = root / "logs"
 res = root / "results" / "ttc_scaling_20260125"
 (res / "configs").mkdir(parents=True, exist_ok=True)
