@@ -258,7 +258,9 @@ def test_golden_argv(name: str) -> None:
     if os.environ.get("UPDATE_GOLDEN") == "1":
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    assert path.exists(), f"missing golden file {path}; create it with UPDATE_GOLDEN=1 pytest {__file__}"
+    assert path.exists(), (
+        f"missing golden file {path}; create it with UPDATE_GOLDEN=1 pytest {__file__}"
+    )
     expected = json.loads(path.read_text(encoding="utf-8"))
     assert argv == expected["argv"], (
         f"sbatch argv for {name!r} differs from {path}; if the change is intended, "
