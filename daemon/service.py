@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -217,7 +217,9 @@ def _reconcile(
     resubmit.reconcile(ctx.ledger, rows, queue, now)
 
 
-def _resubmit(ctx: TickContext, now: datetime, save: Callable[[], None], report: TickReport) -> None:
+def _resubmit(
+    ctx: TickContext, now: datetime, save: Callable[[], None], report: TickReport
+) -> None:
     from . import resubmit
 
     report.resubmit = resubmit.process_tick(ctx.ledger, ctx.settings, ctx.runner, now, save)
@@ -242,21 +244,21 @@ def _deliver(ctx: TickContext, now: datetime, save: Callable[[], None], report: 
 
 def _scan_logs(ctx: TickContext, report: TickReport) -> None:
     """Stat every job log; read only the new bytes of files whose job is not yet classified."""
-    from .logs import find_job_logs, read_cursor
+    from .logs import advance_cursor, find_job_logs
 
     ledger = ctx.ledger
     table = ctx.signature_table()
     for log_dir in ctx.settings.watch.log_dirs:
+        warnings: list[str] = []
         try:
-            found = find_job_logs(Path(log_dir).expanduser(), ctx.settings.analyze)
+            found = find_job_logs(Path(log_dir).expanduser(), ctx.settings.analyze, warnings)
         except TriageError as exc:
             report.errors.append(f"logs: {exc}")
             continue
+        report.errors.extend(f"logs: {w}" for w in warnings[:5])
         for job_logs in found:
             key = str(job_logs.key)
-            for path in (job_logs.err, job_logs.out):
-                if path is None:
-                    continue
+            for path in job_logs.paths:
                 report.files_seen += 1
                 path_s = str(path)
                 cursor = ledger.cursors.get(path_s)
@@ -264,16 +266,27 @@ def _scan_logs(ctx: TickContext, report: TickReport) -> None:
                     cursor = LogCursor(path=path_s, key=key)
                     ledger.cursors[path_s] = cursor
                     ledger.mark_dirty()
-                if cursor.done:
+                elif cursor.done:
                     continue
                 try:
-                    changed, nbytes = read_cursor(cursor, table)
+                    st = path.stat()
+                except OSError:
+                    continue
+                if (
+                    cursor.offset
+                    and st.st_size == cursor.size
+                    and st.st_mtime_ns == cursor.mtime_ns
+                    and st.st_ino == cursor.inode
+                ):
+                    continue  # unchanged since the last tick: read nothing
+                try:
+                    _findings, read = advance_cursor(cursor, table)
                 except OSError as exc:
                     report.errors.append(f"logs: cannot read {path_s}: {exc.strerror or exc}")
                     continue
-                if changed:
+                if read.bytes_read or read.restarted:
                     report.files_read += 1
-                    report.bytes_read += nbytes
+                    report.bytes_read += read.bytes_read
                     ledger.mark_dirty()
                 crash_point("tick.mid_scan")
 
@@ -337,7 +350,11 @@ def _classify_finished(
                 continue
         cursors = index.get(key, [])
         findings = [
-            (LogScanner.from_state(table, c.path, c.scan_state) if c.scan_state else LogScanner(table, c.path)).findings()
+            (
+                LogScanner.from_state(table, c.path, c.scan_state)
+                if c.scan_state
+                else LogScanner(table, c.path)
+            ).findings()
             for c in cursors
         ]
         verdict = decide(findings, row, settings.classify, retryable_types=retryable_types)
@@ -349,8 +366,9 @@ def _classify_finished(
         record.evidence = verdict.evidence.to_json() if verdict.evidence else None
         record.classified_at = iso(now)
         record.updated_at = iso(now)
-        err = next((c for c in cursors if c.path.endswith(".err")), None)
-        record.log_file = (err or (cursors[0] if cursors else None)).path if cursors else None
+        # name the .err in reports when there is one
+        paths = sorted((c.path for c in cursors), key=lambda p: not p.endswith(".err"))
+        record.log_file = paths[0] if paths else None
         _attach_config(settings, record)
         for c in cursors:
             c.done = True
@@ -363,7 +381,9 @@ def _retryable_types(settings: Settings) -> frozenset[Any]:
     from .model import NEVER_RETRYABLE
 
     return frozenset(
-        t for t, policy in settings.resubmit.types.items() if policy.enabled and t not in NEVER_RETRYABLE
+        t
+        for t, policy in settings.resubmit.types.items()
+        if policy.enabled and t not in NEVER_RETRYABLE
     )
 
 
@@ -387,21 +407,23 @@ def _attach_config(settings: Settings, record: JobRecord) -> None:
     """Map an array task to its experiment config, as analyze does."""
     if record.array_task is None or not settings.watch.results_dirs:
         return
-    from .report import load_config
+    from .analyze import load_config
 
     candidates = [Path(p).expanduser() for p in settings.watch.results_dirs]
     if len(candidates) > 1:
         # several experiments: the one named in the job name, log path or working folder
         hay = " ".join(filter(None, [record.job_name, record.log_file or "", record.work_dir]))
-        named = [c for c in candidates if c.name and c.name in hay]
-        candidates = named[:1] or []
+        candidates = [c for c in candidates if c.name and c.name in hay][:1]
     for results_dir in candidates:
-        rel = settings.analyze.config_pattern.format(task=record.array_task)
-        config_path = results_dir / rel
-        fields, problem = load_config(config_path, settings.analyze.config_fields)
-        if problem is None or config_path.exists():
-            record.config_file = str(config_path)
-            record.config = fields
+        problems: list[str] = []
+        config_file, data, problem = load_config(results_dir, record.array_task, settings, problems)
+        if config_file or problem:
+            record.config_file = config_file or None
+            record.config = {
+                column: data.get(key)
+                for column, key in settings.analyze.config_fields.items()
+                if key in data
+            }
             record.config_error = problem
             return
 
@@ -409,7 +431,7 @@ def _attach_config(settings: Settings, record: JobRecord) -> None:
 def _mark_vanished(
     ctx: TickContext, rows: list[SacctRow], queue: list[SqueueRow] | None, now: datetime
 ) -> None:
-    """A job we saw running that neither sacct nor squeue knows any more: record it, don't wait forever."""
+    """A job seen running that neither sacct nor squeue knows any more: record it."""
     if queue is None:
         return
     seen = {str(r.key) for r in rows} | {str(q.key) for q in queue}
@@ -421,7 +443,11 @@ def _mark_vanished(
             record.outcome = Outcome.UNKNOWN.value
             record.state = "VANISHED"
             record.classified_at = iso(now)
-            record.evidence = {"text": "job vanished from sacct and squeue", "line_no": None, "source": "sacct"}
+            record.evidence = {
+                "text": "job vanished from sacct and squeue",
+                "line_no": None,
+                "source": "sacct",
+            }
             ctx.ledger.mark_dirty()
 
 
@@ -433,7 +459,11 @@ def _make_context(settings: Settings, store: LedgerStore, ledger: Ledger) -> Tic
     from .slurm import SlurmRunner
 
     return TickContext(
-        settings=settings, store=store, ledger=ledger, runner=SlurmRunner(), user=current_user(settings)
+        settings=settings,
+        store=store,
+        ledger=ledger,
+        runner=SlurmRunner(),
+        user=current_user(settings),
     )
 
 
@@ -614,18 +644,26 @@ class StatusResult:
             f"jobs watched: {self.jobs_watched} ({self.jobs_active} pending/running)",
         ]
         if self.last_tick_started_at:
-            dur = f" in {self.last_tick_duration_s:.2f}s" if self.last_tick_duration_s is not None else ""
+            dur = (
+                f" in {self.last_tick_duration_s:.2f}s"
+                if self.last_tick_duration_s is not None
+                else ""
+            )
             lines.append(f"last tick: {self.last_tick_started_at}{dur}")
         else:
             lines.append("last tick: never")
         for err in self.last_tick_errors:
             lines.append(f"  error: {err}")
         if self.failures_last_day:
-            parts = ", ".join(f"{n} {t}" for t, n in sorted(self.failures_last_day.items(), key=lambda kv: -kv[1]))
+            parts = ", ".join(
+                f"{n} {t}" for t, n in sorted(self.failures_last_day.items(), key=lambda kv: -kv[1])
+            )
             lines.append(f"failures in the last 24 h: {parts}")
         else:
             lines.append("failures in the last 24 h: none")
-        lines.append(f"slack outbox: {self.outbox_pending} pending, {self.outbox_dead} undeliverable")
+        lines.append(
+            f"slack outbox: {self.outbox_pending} pending, {self.outbox_dead} undeliverable"
+        )
         for err in self.outbox_dead_errors:
             lines.append(f"  undeliverable: {err}")
         pause = f" — PAUSED: {self.resubmit_paused_reason}" if self.resubmit_paused else ""
@@ -637,7 +675,7 @@ class StatusResult:
 
 
 def collect_status(settings: Settings, *, now: datetime | None = None) -> StatusResult:
-    from .ledger import daemon_lock_held, read_ledger
+    from .ledger import read_ledger
 
     now = now or utcnow()
     ledger = read_ledger(settings.ledger_path)
@@ -676,5 +714,23 @@ def collect_status(settings: Settings, *, now: datetime | None = None) -> Status
     )
 
 
-def iter_keys(records: Iterable[JobRecord]) -> list[str]:
-    return [r.key for r in records]
+def daemon_lock_held(ledger_path: Path) -> bool | None:
+    """Whether a daemon holds the ledger lock (None when that cannot be told)."""
+    import fcntl
+
+    from .ledger import LOCK_NAME
+
+    lock_path = ledger_path.parent / LOCK_NAME
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False

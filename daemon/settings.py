@@ -142,11 +142,12 @@ class SlackSettings(_Section):
     send_budget_s: float = 10.0
 
 
+NotifyOn = Literal["all", "not_retried", "retry_exhausted", "billing", "recovered"]
+
+
 class NotifySettings(_Section):
     # which failures go into the digest: "all", "not_retried", "retry_exhausted", "billing"
-    on: list[Literal["all", "not_retried", "retry_exhausted", "billing", "recovered"]] = Field(
-        default_factory=lambda: ["all"]
-    )
+    on: list[NotifyOn] = Field(default_factory=lambda: list[NotifyOn](["all"]))
     daily_summary_at: str | None = None  # "HH:MM" local time
     max_groups_per_digest: int = 20
     sacct_failure_alert_after: int = 3
