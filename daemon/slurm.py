@@ -353,7 +353,11 @@ def _split_records(
     free_idx = [i for i, f in enumerate(lowered) if f in _FREE_TEXT_FIELDS]
     # With the legacy delimiter, only trailing free-text fields may absorb extra columns.
     last_is_free = bool(free_idx) and free_idx[-1] == n - 1
-    first_free = free_idx[0] if free_idx else n
+    # A newline can only be absorbed by the trailing run of free-text fields; a short
+    # line that stops earlier is garbage, not a continued row.
+    first_free = n
+    while first_free > 0 and lowered[first_free - 1] in _FREE_TEXT_FIELDS:
+        first_free -= 1
     records: list[tuple[int, list[str]]] = []
     pending: tuple[int, str] | None = None
     lines = text.split("\n")
@@ -373,8 +377,13 @@ def _split_records(
             records.append((start_no, cols))
             continue
         if len(cols) < n:
-            if len(cols) - 1 >= first_free and idx < len(lines):
+            if len(cols) > first_free and idx < len(lines):
                 pending = (start_no, buf)
+                continue
+            if delimiter == DELIMITER and len(cols) == 1 and records and last_is_free:
+                # the rest of a last field (SubmitLine of an ``sbatch --wrap``) after a
+                # newline; only trusted with our own delimiter, where rows cannot blur
+                records[-1][1][-1] += "\n" + buf
                 continue
             raise SlurmParseError(
                 f"{what} line {start_no}: expected {n} fields, got {len(cols)}: {_clip(buf)}"
