@@ -719,8 +719,18 @@ class LedgerStore:
 
     def _keep_previous(self) -> None:
         """Make ``ledger.json.prev`` the current file, without a moment where neither exists."""
-        if not self.path.exists():
+        try:
+            current = self.path.stat()
+        except FileNotFoundError:
             return
+        try:
+            prev = self.prev_path.stat()
+            if (prev.st_dev, prev.st_ino) == (current.st_dev, current.st_ino):
+                # already linked (a crash after this step last time); rename() would be a
+                # no-op that leaves the staging link behind
+                return
+        except FileNotFoundError:
+            pass
         staging = self.dir / f"{TMP_PREFIX}prev-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             os.link(self.path, staging)
