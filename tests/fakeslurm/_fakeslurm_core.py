@@ -759,7 +759,9 @@ def cmd_sbatch(argv: list[str]) -> int:
         if hang:
             delay = max(delay, float(hang["seconds"]))
         out = f"{master}\n" if "parsable" in merged else f"Submitted batch job {master}\n"
-        return finish_output(0, out, "", delay)
+    # Outside the lock: the job is recorded before a hang, so a caller that times out and
+    # kills sbatch leaves an accepted job behind (the case the exactly-once protocol handles).
+    return finish_output(0, out, "", delay)
 
 
 def cmd_scancel(argv: list[str]) -> int:
