@@ -65,6 +65,10 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 log = logging.getLogger("slurm_triage.notify")
+# slack-sdk logs the full webhook URL (the secret) at DEBUG when its logger's own level
+# allows it; its clients get this logger, pinned above DEBUG whatever the root level is.
+_sdk_log = logging.getLogger("slurm_triage.notify.slack_sdk")
+_sdk_log.setLevel(logging.WARNING)
 
 EVENT_TYPE = "slurm_triage"
 DONE_STATES = frozenset({"sent", "dead"})
@@ -541,7 +545,10 @@ class WebhookSender:
         from slack_sdk.webhook import WebhookClient
 
         client = WebhookClient(
-            self._url.get_secret_value(), timeout=_sdk_timeout(timeout), retry_handlers=[]
+            self._url.get_secret_value(),
+            timeout=_sdk_timeout(timeout),
+            retry_handlers=[],
+            logger=_sdk_log,
         )
         try:
             resp = client.send(text=msg.text, blocks=msg.blocks or None, metadata=_metadata(msg))
@@ -580,6 +587,7 @@ class BotSender:
             base_url=self._base_url,
             timeout=_sdk_timeout(timeout),
             retry_handlers=[],
+            logger=_sdk_log,
         )
 
     def _call(self, fn: Callable[[], Any]) -> Any:

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import PurePath
 from typing import Any
 
-from .model import compress_ranges
+from .model import compress_ranges, expand_ranges
 from .records import JobRecord
 
 MAX_HEADER = 150
@@ -25,7 +25,7 @@ MAX_SECTION = 3000
 MAX_BLOCKS = 50
 MAX_TEXT = 3000
 MAX_EVIDENCE = 300
-MAX_RANGES = 400
+MAX_RANGES = 1500
 MAX_CONFIG_LINE = 600
 # groups beyond this never fit in 50 blocks next to the header, summary and overflow
 HARD_MAX_GROUPS = 40
@@ -96,6 +96,16 @@ def _sort_key(rec: JobRecord) -> tuple[int, str, int]:
     return (job, rec.job_id, -1 if rec.array_task is None else rec.array_task)
 
 
+def ranges_text(indices: Sequence[int], limit: int = MAX_RANGES) -> str:
+    """Compressed ranges; when too long, cut at a range boundary and say how many are left."""
+    full = compress_ranges(list(indices))
+    if len(full) <= limit:
+        return full
+    kept = full[: limit - 20].rsplit(",", 1)[0]
+    shown = len(expand_ranges(kept))
+    return f"{kept},… (+{len(set(indices)) - shown} more)"
+
+
 # --- grouping -------------------------------------------------------------------------
 
 
@@ -117,7 +127,7 @@ class Group:
         plain = self.count - len(indices)
         parts = []
         if indices:
-            parts.append(f"tasks {trim(compress_ranges(indices), MAX_RANGES)}")
+            parts.append(f"tasks {ranges_text(indices)}")
         if plain:
             parts.append("the whole job" if plain == 1 else f"{plain} runs")
         return ", ".join(parts)
@@ -428,7 +438,7 @@ def build_recovery(
     lines = []
     for job_id, members in by_job.items():
         indices = [r.array_task for r in members if r.array_task is not None]
-        tasks = f"tasks {trim(compress_ranges(indices), MAX_RANGES)}" if indices else "the job"
+        tasks = f"tasks {ranges_text(indices)}" if indices else "the job"
         by = sorted({(r.recovered_by or "").split("_", 1)[0] for r in members} - {""})
         via = f" (by job {', '.join(by[:5])})" if by else ""
         lines.append(f"job {job_id} {tasks}{via}")
