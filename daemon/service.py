@@ -8,6 +8,7 @@ everything that goes wrong is recorded in ``ledger.health`` and the next tick re
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import signal
 import threading
@@ -159,27 +160,75 @@ def tick(ctx: TickContext) -> TickReport:
     if rows is not None:
         _safe(report, "classify", lambda: _classify_finished(ctx, rows, active, now, report))
         _mark_vanished(ctx, rows, queue, now)
-        # advance the window only after a successful sacct: a failing tick re-asks next time
+        # advance the window only after a successful sacct: a failing tick re-asks next time.
+        # Not a reason to rewrite the ledger: the heartbeat carries it between saves.
         health.sacct_window_start = iso(now)
-        ledger.mark_dirty()
 
     # 5. act: resubmit, then notify (the digest says what resubmission did)
     save = _saver(ctx, report)
     _safe(report, "resubmit", lambda: _resubmit(ctx, now, save, report))
     _safe(report, "notify-enqueue", lambda: _enqueue(ctx, now, report))
 
-    # 6. record health and save once before the (possibly slow) delivery
+    # 6. save once (only if something changed) before the possibly slow delivery
     health.last_tick_errors = list(report.errors)
     health.ticks += 1
-    report.finished_at = ctx.clock()
-    health.last_tick_finished_at = iso(report.finished_at)
-    health.last_tick_duration_s = round(report.duration_s, 3)
-    ledger.mark_dirty()
     save()
     _safe(report, "notify-deliver", lambda: _deliver(ctx, now, save, report))
     save()
     report.finished_at = ctx.clock()
+    health.last_tick_errors = list(report.errors)
+    health.last_tick_finished_at = iso(report.finished_at)
+    health.last_tick_duration_s = round(report.duration_s, 3)
+    _write_heartbeat(ctx.store.path.parent, health, report)
     return report
+
+
+HEARTBEAT_NAME = "health.json"
+
+
+def _write_heartbeat(state_dir: Path, health: Health, report: TickReport) -> None:
+    """A small file rewritten every tick, so an unchanged ledger is never rewritten.
+
+    It carries what ``status`` shows about the last tick and the sacct window; losing it
+    costs nothing but a wider sacct window after a restart.
+    """
+    path = state_dir / HEARTBEAT_NAME
+    tmp = state_dir / f".{HEARTBEAT_NAME}.{os.getpid()}.tmp"
+    data = json.dumps(health.to_json(), separators=(",", ":")).encode()
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        report.errors.append(f"heartbeat: cannot write {path}: {exc.strerror or exc}")
+
+
+def read_heartbeat(state_dir: Path) -> Health | None:
+    try:
+        data = json.loads((state_dir / HEARTBEAT_NAME).read_bytes())
+        return Health.from_json(data) if isinstance(data, dict) else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _merge_heartbeat(health: Health, beat: Health | None) -> Health:
+    """Prefer the heartbeat when it is newer than the health saved in the ledger."""
+    if beat is None:
+        return health
+    saved = parse_iso(health.last_tick_started_at)
+    newer = parse_iso(beat.last_tick_started_at)
+    if newer is not None and (saved is None or newer > saved):
+        # counters that drive alerts live in the ledger; keep the larger
+        beat.consecutive_sacct_failures = max(
+            beat.consecutive_sacct_failures, health.consecutive_sacct_failures
+        )
+        beat.sacct_alert_sent = beat.sacct_alert_sent or health.sacct_alert_sent
+        beat.last_daily_summary_on = health.last_daily_summary_on or beat.last_daily_summary_on
+        return beat
+    return health
 
 
 def _safe(report: TickReport, stage: str, fn: Callable[[], object]) -> None:
@@ -477,6 +526,7 @@ def run_service(settings: Settings, *, once: bool) -> int:
     store = LedgerStore(settings.ledger_path, retention_days=settings.watch.retention_days)
     with store:
         ledger = store.load()
+        ledger.health = _merge_heartbeat(ledger.health, read_heartbeat(store.path.parent))
         for warning in store.warnings:
             log.warning("ledger", problem=warning)
             ledger.health.last_tick_errors.append(f"ledger: {warning}")
@@ -679,6 +729,7 @@ def collect_status(settings: Settings, *, now: datetime | None = None) -> Status
 
     now = now or utcnow()
     ledger = read_ledger(settings.ledger_path)
+    ledger.health = _merge_heartbeat(ledger.health, read_heartbeat(settings.ledger_path.parent))
     day_ago = now - timedelta(days=1)
     failures: dict[str, int] = {}
     active = 0
