@@ -443,12 +443,14 @@ def cmd_sacct(argv: list[str]) -> int:
             end = parse_when(opts["end"], now) if "end" in opts else now
         except ValueError as exc:
             return finish_output(1, "", f"sacct: error: Invalid time specification: {exc}\n", 0)
-        users = set(opts.get("user", state["user"]).split(","))
+        # like sacct: without -u, -j shows any user's job; otherwise only the caller's
+        users = set(opts["user"].split(",")) if "user" in opts else {state["user"]}
+        all_users = "allusers" in opts or ("user" not in opts and bool(wanted))
         delim = opts.get("delimiter", "|")
         lines: list[str] = []
         if "noheader" not in opts:
             lines.append(delim.join(SACCT_KNOWN[f.lower()] for f in fields))
-        for job, raw in visible_sacct_jobs(state, wanted, users, start, end, "allusers" in opts):
+        for job, raw in visible_sacct_jobs(state, wanted, users, start, end, all_users):
             lines.append(delim.join(sacct_value(job, f, state, raw) for f in fields))
             if "allocations" not in opts and job.get("start") is not None and not job.get("_group"):
                 for step in ("batch", "extern"):
