@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -18,13 +16,11 @@ from daemon.model import TaskKey
 from daemon.settings import SlurmSettings
 from daemon.slurm import (
     DELIMITER,
-    SACCT_FIELDS,
     SlurmCommandFailed,
     SlurmRunner,
     is_placeholder,
     parse_sacct,
     parse_sbatch_parsable,
-    parse_squeue,
     query_sacct,
     query_squeue,
     sacct_argv,
@@ -32,7 +28,7 @@ from daemon.slurm import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fakeslurm.controller import FakeSlurm  # noqa: E402
+from fakeslurm.controller import FakeSlurm
 
 FIXTURES = Path(__file__).parent / "fixtures" / "slurm"
 
@@ -159,10 +155,14 @@ def test_sbatch_records_submission_and_creates_tasks(
     assert logs == [work / "logs" / f"x_{job}_5.out"]
 
 
-def test_sbatch_begin_is_pending_with_reason(fake: FakeSlurm, runner: EnvRunner, tmp_path: Path) -> None:
+def test_sbatch_begin_is_pending_with_reason(
+    fake: FakeSlurm, runner: EnvRunner, tmp_path: Path
+) -> None:
     (tmp_path / "a.sh").write_text("#!/bin/bash\n")
     job = parse_sbatch_parsable(
-        runner.run(["sbatch", "--parsable", "--begin=now+300", "a.sh"], timeout=10, cwd=tmp_path).stdout
+        runner.run(
+            ["sbatch", "--parsable", "--begin=now+300", "a.sh"], timeout=10, cwd=tmp_path
+        ).stdout
     )
     (row,) = query_sacct(runner, SETTINGS, job_ids=[job])
     assert (row.state, row.reason) == ("PENDING", "BeginTime")

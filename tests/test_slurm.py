@@ -35,7 +35,7 @@ from daemon.slurm import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fakeslurm.replay import ReplayRunner, Reply  # noqa: E402
+from fakeslurm.replay import ReplayRunner, Reply
 
 FIXTURES = Path(__file__).parent / "fixtures" / "slurm"
 
@@ -308,9 +308,7 @@ def test_parse_sacct_empty_output() -> None:
 def test_is_placeholder() -> None:
     (complete,) = parse_sacct(row_text({"State": "FAILED", "ExitCode": "1:0"}))
     (ph,) = parse_sacct(
-        row_text(
-            {"State": "FAILED", "JobName": "allocation", "WorkDir": "", "SubmitLine": ""}
-        )
+        row_text({"State": "FAILED", "JobName": "allocation", "WorkDir": "", "SubmitLine": ""})
     )
     (running,) = parse_sacct(row_text({"State": "RUNNING", "WorkDir": "", "SubmitLine": ""}))
     assert not is_placeholder(complete)
@@ -326,7 +324,11 @@ def test_parse_squeue_rows_and_comment() -> None:
     text += DELIMITER.join(["6", "6", "PENDING", "a|b", "alice", "(null)"]) + "\n"
     rows = parse_squeue(text)
     assert rows[0].key == TaskKey("5", 3)
-    assert (rows[0].job_id_raw, rows[0].state, rows[0].comment) == ("9", "RUNNING", "slurm-triage:abc")
+    assert (rows[0].job_id_raw, rows[0].state, rows[0].comment) == (
+        "9",
+        "RUNNING",
+        "slurm-triage:abc",
+    )
     assert rows[1].job_name == "a|b"
 
 
@@ -393,7 +395,7 @@ def test_replay_runner_raises_like_the_real_one() -> None:
         runner.run(["sacct"], timeout=1)
 
 
-# --------------------------------------------------------------------------- runner (real processes)
+# --- runner (real processes)
 
 
 def _script(tmp_path: Path, name: str, body: str) -> Path:
@@ -413,8 +415,12 @@ def test_runner_captures_output(tmp_path: Path) -> None:
 
 
 def test_runner_nonzero_rc_carries_first_stderr_line(tmp_path: Path) -> None:
-    exe = _script(tmp_path, "bad", 'echo "sbatch: error: Invalid partition" >&2; echo more >&2; exit 1\n')
-    with pytest.raises(SlurmCommandFailed, match=r"bad failed \(rc=1\): sbatch: error: Invalid partition"):
+    exe = _script(
+        tmp_path, "bad", 'echo "sbatch: error: Invalid partition" >&2; echo more >&2; exit 1\n'
+    )
+    with pytest.raises(
+        SlurmCommandFailed, match=r"bad failed \(rc=1\): sbatch: error: Invalid partition"
+    ):
         SlurmRunner().run([str(exe)], timeout=10)
 
 
@@ -432,7 +438,7 @@ def test_runner_timeout_kills_the_process_group(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     # the child spawns a grandchild that would outlive a plain kill of the child
     exe = _script(tmp_path, "hang", f"sleep 300 &\necho $! > {pidfile}\nwait\n")
-    with pytest.raises(SlurmTimeout, match="hang timed out after 0.5 s"):
+    with pytest.raises(SlurmTimeout, match=r"hang timed out after 0\.5 s"):
         SlurmRunner().run([str(exe)], timeout=0.5)
     grandchild = int(pidfile.read_text())
     for _ in range(100):  # the kernel reaps asynchronously

@@ -313,9 +313,16 @@ def ids_match(job: dict[str, Any], wanted: set[str]) -> bool:
 
 
 def split_opts(
-    argv: list[str], with_value: dict[str, str], flags: dict[str, str]
+    argv: list[str],
+    with_value: dict[str, str],
+    flags: dict[str, str],
+    *,
+    stop_at_positional: bool = False,
 ) -> tuple[dict[str, str], list[str], str | None]:
-    """Minimal getopt_long: returns (options by canonical name, positionals, bad option)."""
+    """Minimal getopt_long: returns (options by canonical name, positionals, bad option).
+
+    ``stop_at_positional``: like sbatch (optstring "+"), everything from the first
+    positional on (the script and its arguments) is left alone."""
     opts: dict[str, str] = {}
     rest: list[str] = []
     i = 0
@@ -357,6 +364,9 @@ def split_opts(
             else:
                 return opts, rest, arg
         else:
+            if stop_at_positional:
+                rest.extend(argv[i:])
+                break
             rest.append(arg)
         i += 1
     return opts, rest, None
@@ -421,7 +431,7 @@ def cmd_sacct(argv: list[str]) -> int:
         rc, out, err, delay = apply_faults("sacct", state)
         if rc is not None:
             return finish_output(rc, out, err, delay)
-        opts, rest, bad = split_opts(argv, with_value, flags)
+        opts, _rest, bad = split_opts(argv, with_value, flags)
         if bad is not None:
             return finish_output(1, "", f"sacct: unrecognized option '{bad}'\n", delay)
         if "parsable2" not in opts:
@@ -456,12 +466,19 @@ def cmd_sacct(argv: list[str]) -> int:
                 for step in ("batch", "extern"):
                     step_job = dict(job, name=step, comment="", submit_line="", work_dir="")
                     step_job["_group"] = f"{display_id(job)}.{step}"
-                    lines.append(delim.join(sacct_value(step_job, f, state, f"{raw}.{step}") for f in fields))
+                    lines.append(
+                        delim.join(sacct_value(step_job, f, state, f"{raw}.{step}") for f in fields)
+                    )
         return finish_output(0, "".join(line + "\n" for line in lines), "", delay)
 
 
 def visible_sacct_jobs(
-    state: dict[str, Any], wanted: set[str], users: set[str], start: float, end: float, all_users: bool
+    state: dict[str, Any],
+    wanted: set[str],
+    users: set[str],
+    start: float,
+    end: float,
+    all_users: bool,
 ) -> list[tuple[dict[str, Any], str]]:
     shown: list[tuple[dict[str, Any], str]] = []
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -586,9 +603,7 @@ def cmd_squeue(argv: list[str]) -> int:
             if j["state"] not in FINISHED or (j.get("end") or now) >= now - state["min_job_age"]
         ]
         if wanted and not any(ids_match(j, wanted) for j in in_memory):
-            return finish_output(
-                1, "", "slurm_load_jobs error: Invalid job id specified\n", delay
-            )
+            return finish_output(1, "", "slurm_load_jobs error: Invalid job id specified\n", delay)
         users = set(filter(None, opts.get("user", "").split(",")))
         rows: list[tuple[dict[str, Any], str | None]] = []
         groups: dict[str, list[dict[str, Any]]] = {}
@@ -707,10 +722,12 @@ def cmd_sbatch(argv: list[str]) -> int:
         if rc is not None:
             record["rc"] = rc
             return finish_output(rc, out, err, delay)
-        opts, rest, bad = split_opts(argv, SBATCH_VALUE, SBATCH_FLAGS)
+        opts, rest, bad = split_opts(argv, SBATCH_VALUE, SBATCH_FLAGS, stop_at_positional=True)
         if bad is not None:
             record["rc"] = 1
-            msg = f"sbatch: unrecognized option '{bad}'\nTry \"sbatch --help\" for more information\n"
+            msg = (
+                f"sbatch: unrecognized option '{bad}'\nTry \"sbatch --help\" for more information\n"
+            )
             return finish_output(1, "", msg, delay)
         if not rest:
             record["rc"] = 1
@@ -792,7 +809,9 @@ def split_off(state: dict[str, Any], job: dict[str, Any]) -> None:
     if not unsplit(job):
         return
     master = job["array_job_id"]
-    others = [j for j in state["jobs"] if j is not job and unsplit(j) and j["array_job_id"] == master]
+    others = [
+        j for j in state["jobs"] if j is not job and unsplit(j) and j["array_job_id"] == master
+    ]
     if others:
         job["job_id"] = str(state["next_id"])
         state["next_id"] += 1
@@ -813,7 +832,12 @@ def cancel(state: dict[str, Any], job: dict[str, Any]) -> None:
 
 
 def main(cmd: str, argv: list[str]) -> int:
-    handlers = {"sacct": cmd_sacct, "squeue": cmd_squeue, "sbatch": cmd_sbatch, "scancel": cmd_scancel}
+    handlers = {
+        "sacct": cmd_sacct,
+        "squeue": cmd_squeue,
+        "sbatch": cmd_sbatch,
+        "scancel": cmd_scancel,
+    }
     try:
         return handlers[cmd](argv)
     except BrokenPipeError:

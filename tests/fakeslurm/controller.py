@@ -127,7 +127,9 @@ class FakeSlurm:
             master = str(s["next_id"])
             s["next_id"] += 1
             tasks = (
-                core.expand(array) if isinstance(array, str) else sorted(array)
+                core.expand(array)
+                if isinstance(array, str)
+                else sorted(array)
                 if array is not None
                 else None
             )
