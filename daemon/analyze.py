@@ -111,7 +111,7 @@ class AnalyzeResult:
     def render_text(self) -> str:
         s = self.summary
         lines: list[str] = []
-        mode = "logs only (--offline)" if self.offline else "logs + squeue + sacct"
+        mode = "--offline: logs only" if self.offline else "logs + squeue + sacct"
         lines.append(f"Analyzed {s.total} task attempts in {self.log_dir} ({mode})")
         lines.append(f"  successful:                {s.successful}")
         lines.append(f"  failed:                    {s.failed} ({s.retryable} retryable)")

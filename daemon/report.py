@@ -277,6 +277,8 @@ def _shared_fields(group: Sequence[TaskResult], settings: Settings) -> dict[str,
 def _fmt_span(start: datetime, end: datetime) -> str:
     if start.date() == end.date():
         day = start.strftime("%Y-%m-%d")
+        if start.strftime("%H:%M") == end.strftime("%H:%M"):
+            return f"at {start:%H:%M} on {day}"
         return f"between {start:%H:%M} and {end:%H:%M} on {day}"
     return f"between {start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M}"
 
