@@ -199,10 +199,13 @@ def test_fail_next_is_one_shot(fake: FakeSlurm, runner: EnvRunner) -> None:
     assert query_sacct(runner, SETTINGS) == []
 
 
-def test_hang_makes_the_runner_time_out(fake: FakeSlurm, runner: EnvRunner) -> None:
+def test_hang_makes_the_runner_time_out_once(fake: FakeSlurm, runner: EnvRunner) -> None:
     fake.hang("squeue", 30)
     with pytest.raises(SlurmTimeout):
         query_squeue(runner, SlurmSettings(user="alice", timeout_s=0.5))
+    # the killed call had already recorded itself and used up the fault
+    assert query_squeue(runner, SlurmSettings(user="alice", timeout_s=10)) == []
+    assert len(fake.calls("squeue")) == 2
 
 
 def test_garbage_is_a_parse_error(fake: FakeSlurm, runner: EnvRunner) -> None:

@@ -388,17 +388,17 @@ def apply_faults(cmd: str, state: dict[str, Any]) -> tuple[int | None, str, str,
     return None, "", "", delay
 
 
-def finish_output(rc: int, out: str, err: str, delay: float) -> int:
-    if delay:
-        time.sleep(delay)
-    sys.stdout.write(out)
-    sys.stderr.write(err)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    return rc
+Outcome = tuple[int, str, str, float]
 
 
-def cmd_sacct(argv: list[str]) -> int:
+def finish_output(rc: int, out: str, err: str, delay: float) -> Outcome:
+    """What to print, and how long to hang first. Printed by ``main`` after the state is
+    saved and unlocked, so a hung (and killed) command has already recorded its effects
+    and does not block other commands."""
+    return rc, out, err, delay
+
+
+def cmd_sacct(argv: list[str]) -> Outcome:
     with_value = {
         "--format": "format",
         "-o": "format",
@@ -563,7 +563,7 @@ def squeue_value(job: dict[str, Any], letter: str, state: dict[str, Any], group:
     return ""
 
 
-def cmd_squeue(argv: list[str]) -> int:
+def cmd_squeue(argv: list[str]) -> Outcome:
     with_value = {
         "--format": "format",
         "-o": "format",
@@ -712,7 +712,7 @@ def expand_log_name(pattern: str, job: dict[str, Any], raw_id: str) -> str:
     return re.sub(r"%[AajxuN%]", lambda m: repl[m[0]], pattern)
 
 
-def cmd_sbatch(argv: list[str]) -> int:
+def cmd_sbatch(argv: list[str]) -> Outcome:
     cwd = os.getcwd()
     with locked_state() as state:
         state["calls"].append({"cmd": "sbatch", "argv": argv})
@@ -778,12 +778,12 @@ def cmd_sbatch(argv: list[str]) -> int:
         if hang:
             delay = max(delay, float(hang["seconds"]))
         out = f"{master}\n" if "parsable" in merged else f"Submitted batch job {master}\n"
-    # Outside the lock: the job is recorded before a hang, so a caller that times out and
-    # kills sbatch leaves an accepted job behind (the case the exactly-once protocol handles).
+    # printed by main() outside the lock: the job is recorded before a hang, so a caller
+    # that times out and kills sbatch leaves an accepted job behind
     return finish_output(0, out, "", delay)
 
 
-def cmd_scancel(argv: list[str]) -> int:
+def cmd_scancel(argv: list[str]) -> Outcome:
     with locked_state() as state:
         state["calls"].append({"cmd": "scancel", "argv": argv})
         rc, out, err, delay = apply_faults("scancel", state)
@@ -838,10 +838,17 @@ def main(cmd: str, argv: list[str]) -> int:
         "sbatch": cmd_sbatch,
         "scancel": cmd_scancel,
     }
+    rc, out, err, delay = handlers[cmd](argv)
+    if delay:
+        time.sleep(delay)
     try:
-        return handlers[cmd](argv)
+        sys.stdout.write(out)
+        sys.stderr.write(err)
+        sys.stdout.flush()
+        sys.stderr.flush()
     except BrokenPipeError:
         return 1
+    return rc
 
 
 def default_user() -> str:
