@@ -72,7 +72,7 @@ _sdk_log.setLevel(logging.WARNING)
 
 EVENT_TYPE = "slurm_triage"
 DONE_STATES = frozenset({"sent", "dead"})
-MAX_BACKOFF_S = 300.0
+MAX_BACKOFF_S = 120.0
 DEFAULT_RETRY_AFTER_S = 30.0
 # how far before a message's creation the history search starts (clock skew)
 HISTORY_SKEW_S = 120.0
@@ -697,7 +697,8 @@ class DeliveryReport:
 
 
 def backoff_s(attempts: int) -> float:
-    """2, 4, 8, … seconds, capped: Slack outages last minutes, not hours, usually."""
+    """2, 4, 8, … seconds up to 2 minutes: one request per 2 min is no load for Slack, and
+    a longer cap would delay the backlog long after an outage ends."""
     return float(min(MAX_BACKOFF_S, 2.0 ** max(1, attempts)))
 
 

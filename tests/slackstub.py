@@ -165,7 +165,7 @@ class SlackStub:
         auth = h.headers.get("Authorization") or ""
         authorized = auth == f"Bearer {self.token}"
 
-        status, headers, body = self._respond(url.path, params, authorized)
+        status, headers, body = self._respond(url.path, params, authorized, bool(auth))
         with self._lock:
             self.requests.append(Recorded(url.path, self.clock(), params, status, authorized))
         if body is None:  # a dropped connection
@@ -182,7 +182,7 @@ class SlackStub:
             pass  # the client gave up (timeout); that is the point of the slow faults
 
     def _respond(
-        self, path: str, params: dict[str, Any], authorized: bool
+        self, path: str, params: dict[str, Any], authorized: bool, has_auth: bool
     ) -> tuple[int, dict[str, str], str | bytes | None]:
         is_api = path.startswith("/api/")
         fault = self._take_fault(path)
@@ -205,14 +205,14 @@ class SlackStub:
                     fault.error, 400
                 )
                 return status, {"Content-Type": "text/html"}, fault.error
-        result = self._ok_response(path, params, authorized)
+        result = self._ok_response(path, params, authorized, has_auth)
         if fault is not None and fault.kind == "post_then_slow":
             # Slack took the message but the answer never arrives in time
             time.sleep(fault.delay_s)
         return result
 
     def _ok_response(
-        self, path: str, params: dict[str, Any], authorized: bool
+        self, path: str, params: dict[str, Any], authorized: bool, has_auth: bool
     ) -> tuple[int, dict[str, str], str | bytes | None]:
         if path.startswith("/services/"):
             if path in self.revoked_webhooks:
@@ -224,7 +224,7 @@ class SlackStub:
             self._record_post(params, channel="webhook", via="webhook")
             return 200, {"Content-Type": "text/html"}, "ok"
         if not authorized:
-            error = "not_authed" if not params else "invalid_auth"
+            error = "invalid_auth" if has_auth else "not_authed"
             return 200, _json_ct(), json.dumps({"ok": False, "error": error})
         method = path.rsplit("/", 1)[-1]
         if method == "auth.test":

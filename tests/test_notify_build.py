@@ -28,6 +28,9 @@ from daemon.notify_build import (
 from daemon.records import JobRecord
 
 GOLDEN = Path(__file__).parent / "golden" / "slack"
+RATE_LIMIT_LINE = (
+    "openai.RateLimitError: Error code: 429 - {'error': {'message': 'Rate limit reached'}}"
+)
 
 
 def failed(
@@ -35,7 +38,7 @@ def failed(
     etype: str = "rate_limit",
     *,
     name: str = "debate_sweep",
-    text: str = "openai.RateLimitError: Error code: 429 - {'error': {'message': 'Rate limit reached'}}",
+    text: str = RATE_LIMIT_LINE,
     line: int | None = 212,
     config: dict[str, Any] | None = None,
     **kw: Any,
