@@ -1,0 +1,1211 @@
+"""Failure classification: a table of named signatures plus a small decision function.
+
+Pure: nothing here touches Slurm, the clock or the network; ``scan_path`` and
+``classify_files`` only read the files they are given.
+
+How a task's outcome is decided (``decide``), first rule that applies wins:
+
+1. ``active`` (squeue lists it) or an active sacct state -> ``running``.
+2. A success marker (``settings.success_markers``, case-insensitive substring) in any of
+   its logs -> ``success``, even when recovered retries or logged errors precede it.
+3. Slurm's verdict: a strong ``slurmstepd``/``srun`` line (time limit, node failure,
+   preemption, oom-kill, scancel) or the sacct state (TIMEOUT, DEADLINE -> time_limit;
+   OUT_OF_MEMORY -> oom; NODE_FAIL, BOOT_FAIL -> node_fail; PREEMPTED -> preempted;
+   CANCELLED, REVOKED -> cancelled). A more specific log line beats a bare CANCELLED
+   state (a step cancelled "DUE TO TIME LIMIT" is a time_limit).
+4. The error that ended the program: the last traceback (chained tracebacks and
+   exception groups belong to the same error) or, failing that, the last error record.
+   Its final exception line decides when it matches a specific signature; a known
+   deterministic exception (KeyError, ImportError, ...) is ``code_error``; anything else
+   is treated as a wrapper (``RuntimeError: request failed``, tenacity ``RetryError``,
+   ``ExceptionGroup``, custom classes) and the earlier lines of the same error are
+   searched for the specific cause, falling back to ``code_error``. An uncaught traceback
+   is a failure even when sacct says COMPLETED.
+   An error record (ERROR/FATAL/CRITICAL line, a bare ``SomethingError: ...`` line, or a
+   line matching an ``any`` signature) counts when it matches a signature; an unmatched
+   record only explains a job that sacct says failed (type ``unknown``).
+5. A weak Slurm hint (a bare ``Killed`` from the batch script, ``STEPD TERMINATED``) when
+   nothing else explains the end: ``Killed`` -> oom (the kernel OOM killer is the usual
+   sender of an unexplained SIGKILL), STEPD TERMINATED -> node_fail.
+6. sacct COMPLETED -> success; sacct FAILED (or any other finished state) -> failure of
+   type ``unknown`` with sacct evidence; no sacct and nothing found -> ``unknown``.
+
+A time_limit with sacct TotalCPU below ``hung_cpu_fraction`` of Elapsed (x AllocCPUS when
+sacct reports it) after at least ``hung_min_elapsed_s`` is ``hung``: never retryable.
+``retryable`` = type in ``retryable_types`` and not hung.
+
+Recovered things never count (rule 3 of the design): lines at DEBUG/INFO/WARNING level
+(access logs such as ``"HTTP/1.1 429 Too Many Requests"``), Python warnings, retry notices
+(``Retrying request to ... in 2.1 seconds``, tenacity/backoff "Backing off"), ``wandb:``
+lines, and tracebacks Python prints for errors it ignores (``Exception ignored in``,
+``Task exception was never retrieved``).
+
+Status codes are recognised only in a status context (``Error code: 502``, ``HTTP 503``,
+``status_code=429``, ``'code': 429``, ``HTTP/1.1 503``, ``429 Too Many Requests``,
+``ClientError: 429``) -- never a bare number in a job id, a token count or a path.
+
+Quota wording: ``insufficient_quota``, credit balance, 402, InsufficientFunds ... are
+``billing`` even inside a 429/RateLimitError. Google's "You exceeded your current quota"
+429 (``RESOURCE_EXHAUSTED``, per-minute/per-day metrics, free tier) is a rate limit: it
+clears by itself, and Google words plan exhaustion the same way as a per-minute limit, so
+only the unambiguous billing phrases make a Google error ``billing``.
+
+Evidence: ``Evidence(text, line_no, source)`` with the deciding line trimmed to 300
+characters (a window around the match for long lines); ``source`` is the log path, or
+``"sacct"`` with text like ``State=TIMEOUT ExitCode=0:0``. ``classify --json`` prints
+evidence as the plain string ``"<line_no>: <text>"`` (or ``"sacct: <text>"``), null when
+there is none.
+
+Scanner: reads bytes in any chunking, carries at most ``MAX_LINE_BYTES`` of a partial
+line, and runs one prefilter regex per chunk so only lines with a keyword reach the
+Python-level signature matching; after a ``Traceback`` header it reads line by line until
+the exception message ends. All regexes use bounded gaps (no nested or unbounded ``.*``)
+so long lines cannot cause catastrophic backtracking.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import EXIT_FAILURE, EXIT_OK, InputError
+from .model import (
+    ACTIVE_STATES,
+    RETRYABLE_BY_DEFAULT,
+    ErrorType,
+    Evidence,
+    Outcome,
+    SacctRow,
+    Verdict,
+)
+
+if TYPE_CHECKING:
+    from .settings import ClassifySettings, Settings
+
+Where = Literal["any", "final_error", "slurm"]
+
+# A line longer than this is cut: memory stays bounded for files without newlines.
+MAX_LINE_BYTES = 64 * 1024
+# Signatures see at most this much of a line (keeps matching linear and cheap).
+MATCH_CHARS = 16 * 1024
+EVIDENCE_CHARS = 300
+READ_CHUNK = 4 * 1024 * 1024
+# Entries kept for the error being built (exception lines, causes, continuation lines).
+MAX_ENTRIES = 24
+# Lines of an exception message kept after the exception line.
+MAX_CONTINUATION = 8
+# Frames of one traceback before we give up looking for its exception line.
+MAX_FRAME_LINES = 5000
+STATE_VERSION = 1
+
+T = ErrorType
+
+
+class ScanStateError(InputError):
+    """A saved scanner state cannot be resumed."""
+
+
+# ---------------------------------------------------------------------------------------
+# Signatures
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    name: str
+    type: ErrorType
+    regex: re.Pattern[str]
+    where: Where
+    # a line matching this is not this signature (e.g. Google per-minute quota vs billing)
+    unless: re.Pattern[str] | None = None
+    # Slurm lines only: 2 = decides, 1 = plain cancel, 0 = hint used when nothing else
+    priority: int = 2
+
+    def match(self, text: str) -> re.Match[str] | None:
+        m = self.regex.search(text)
+        if m is None or (self.unless is not None and self.unless.search(text)):
+            return None
+        return m
+
+
+def _status(codes: str) -> str:
+    """A regex for HTTP status ``codes`` (alternation) in a status context only."""
+    c = rf"(?:{codes})(?![\d.])"
+    return (
+        rf"\b(?i:error[ _]?code|status[ _]?code|http[ _]?(?:status|error|code)?|status"
+        rf"|code|response[ _]?code|statuscode)[\"']?[ ]?[:=]?[ ]{{0,2}}[\"'(\[]?{c}"
+        rf"|(?<![\w.]){c}[ ,:-]{{1,3}}(?:message=)?['\"]?(?i:too many requests|bad gateway"
+        rf"|service unavailable|gateway time-?out|internal server error|payment required"
+        rf"|client error|server error|resource_exhausted|unavailable|deadline exceeded"
+        rf"|overloaded|quota|rate limit)"
+        rf"|HTTP/\d(?:\.\d)? {c}"
+        rf"|Response \[{c}\]"
+        rf"|(?:Error|Exception)['\"]?[:(\[ ]{{1,3}}['\"]?{c}"
+        rf"|\b(?:[Ss]tatus|[Cc]ode) {c}"
+    )
+
+
+_GOOGLE_RATE = (
+    r"RESOURCE_EXHAUSTED|ResourceExhausted|generativelanguage|aiplatform|ai\.google\.dev"
+    r"|rate-limits|(?i:per minute|per day|PerMinute|PerDay|free_tier|requests per|quota metric)"
+)
+
+_CODE_ERROR_CLASSES = (
+    "KeyError|IndexError|AttributeError|TypeError|ValueError|NameError|UnboundLocalError"
+    "|ImportError|ModuleNotFoundError|AssertionError|FileNotFoundError|IsADirectoryError"
+    "|NotADirectoryError|PermissionError|FileExistsError|SyntaxError|IndentationError"
+    "|TabError|ZeroDivisionError|NotImplementedError|RecursionError|UnicodeDecodeError"
+    "|UnicodeEncodeError|UnicodeError|OverflowError|StopIteration|LookupError"
+    "|ArithmeticError|FloatingPointError|SystemError|ReferenceError|BufferError"
+    "|EOFError|ModuleNotFoundError|CalledProcessError|JSONSchemaValidationError"
+    "|AuthenticationError|PermissionDeniedError|NotFoundError|BadRequestError"
+    "|UnprocessableEntityError|ConflictError|InvalidArgument|InvalidRequestError"
+)
+
+# (name, type, pattern, where[, unless]) -- order matters within a line: first match wins,
+# so billing precedes rate limits and oom precedes Google's RESOURCE_EXHAUSTED.
+_BUILTIN: list[tuple[str, ErrorType, str, Where, str | None]] = [
+    # --- billing -------------------------------------------------------------------
+    ("billing.insufficient_quota", T.BILLING, r"insufficient_quota", "any", None),
+    (
+        "billing.exceeded_quota",
+        T.BILLING,
+        r"(?i)exceeded your current quota",
+        "any",
+        _GOOGLE_RATE,
+    ),
+    (
+        "billing.credits",
+        T.BILLING,
+        r"(?i)credit balance is too low|insufficient[ _-]?(?:credits?|funds|balance)"
+        r"|InsufficientFunds|out of credits|(?:requires|need|add|purchase|buy) more credits"
+        r"|billing[ _]hard[ _]limit|billing_not_active|billing details.{0,40}not active"
+        r"|reached your specified API usage limits|exceeded your (?:monthly )?spend(?:ing)? limit"
+        r"|payment required|account (?:is )?(?:not )?(?:in good standing|suspended)",
+        "any",
+        None,
+    ),
+    ("billing.status_402", T.BILLING, _status("402"), "any", None),
+    ("billing.quota_exceeded", T.BILLING, r"(?i)\bquota exceeded\b", "any", _GOOGLE_RATE),
+    # --- out of memory (before rate limits: JAX says RESOURCE_EXHAUSTED: Out of memory)
+    (
+        "oom.cuda",
+        T.OOM,
+        r"OutOfMemoryError|(?i:CUDA out of memory|CUDA error: out of memory)"
+        r"|(?i:\bout of memory\b)|(?i:OOM when allocating)|ResourceExhaustedError"
+        r"|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED|cudaErrorMemoryAllocation"
+        r"|CUDA_ERROR_OUT_OF_MEMORY|(?i:failed to allocate \d[\d.]* ?[KMGT]?i?B)"
+        r"|std::bad_alloc|(?i:Cannot allocate memory)|(?i:out of host memory)",
+        "any",
+        None,
+    ),
+    ("oom.memoryerror", T.OOM, r"(?:^|[\s.:])MemoryError\b", "final_error", None),
+    # --- node / interconnect trouble -------------------------------------------------
+    (
+        "node_fail.nccl",
+        T.NODE_FAIL,
+        r"ncclSystemError|ncclRemoteError|ncclInternalError|NCCL communicator was aborted"
+        r"|Watchdog caught collective operation timeout"
+        r"|(?i:NCCL error.{0,160}(?:unhandled system error|remote process exited|connection"
+        r"|network))",
+        "any",
+        None,
+    ),
+    (
+        "node_fail.gpu",
+        T.NODE_FAIL,
+        r"(?i)uncorrectable ECC error|GPU has fallen off the bus|\bXid \d+|GPU is lost"
+        r"|Unable to determine the device handle for GPU|CUDA-capable device\(s\) is/are busy"
+        r"|(?i:all CUDA-capable devices are busy or unavailable)|NODE_FAIL",
+        "any",
+        None,
+    ),
+    # --- rate limits -------------------------------------------------------------------
+    (
+        "rate_limit.status",
+        T.RATE_LIMIT,
+        _status("429|529") + r"|429 error responses",
+        "any",
+        None,
+    ),
+    (
+        "rate_limit.words",
+        T.RATE_LIMIT,
+        r"RateLimitError|RateLimitExceeded|RateLimited|TooManyRequests|Too Many Requests"
+        r"|overloaded_error|RESOURCE_EXHAUSTED|ResourceExhausted|ThrottlingException"
+        r"|(?i:rate[ _-]?limit(?:ed)?(?: was)? (?:exceeded|reached|hit)|\brate[ _-]limited\b"
+        r"|too many requests|too many concurrent requests|rate_limit_exceeded"
+        r"|rate_limit_error|model is overloaded|is currently overloaded"
+        r"|Quota exceeded for (?:quota )?metric)",
+        "any",
+        None,
+    ),
+    (
+        "rate_limit.loose",
+        T.RATE_LIMIT,
+        r"(?i)\brate[ _-]?limit|\boverloaded\b|\bthrottl(?:ed|ing)\b|\b529\b",
+        "final_error",
+        None,
+    ),
+    # --- network ----------------------------------------------------------------------
+    (
+        "network.status",
+        T.NETWORK,
+        _status("500|502|503|504|520|521|522|523|524|525|530|599"),
+        "any",
+        None,
+    ),
+    (
+        "network.words",
+        T.NETWORK,
+        r"APIConnectionError|APITimeoutError|Bad Gateway|Service Unavailable|Gateway Time-?out"
+        r"|Network connection lost|Connection reset by peer|Server disconnected"
+        r"|Max retries exceeded|(?i:connection (?:error|refused|reset|aborted|lost"
+        r"|closed (?:unexpectedly|by peer|before))|request timed out|read timed out"
+        r"|connect(?:ion)? timed out|network (?:error|is unreachable)"
+        r"|temporary failure in name resolution|name or service not known"
+        r"|no route to host|upstream connect error|EOF occurred in violation of protocol"
+        r"|unexpected_eof_while_reading|remote end closed connection)",
+        "any",
+        None,
+    ),
+    (
+        "network.classes",
+        T.NETWORK,
+        r"ConnectError|ConnectTimeout|ReadTimeout|WriteTimeout|PoolTimeout|ReadError"
+        r"|WriteError|ConnectionError|ConnectionResetError|ConnectionRefusedError"
+        r"|ConnectionAbortedError|BrokenPipeError|RemoteDisconnected|RemoteProtocolError"
+        r"|ServerDisconnectedError|ClientConnectorError|ClientConnectionError|ClientOSError"
+        r"|ClientPayloadError|ServerTimeoutError|ChunkedEncodingError|IncompleteRead"
+        r"|ProtocolError|NewConnectionError|MaxRetryError|SSLError|SSLEOFError"
+        r"|ServiceUnavailable(?:Error)?|InternalServerError|DeadlineExceeded|DEADLINE_EXCEEDED"
+        r"|\bUNAVAILABLE\b|(?:^|[\s.])ServerError\b|APIError|TimeoutError|TimeoutException"
+        r"|litellm\.Timeout|(?:^|[\s.])Timeout\b|gaierror|\btimed out\b|GatewayTimeout"
+        r"|OpenrouterException.{0,200}(?:Network|connection|timeout)",
+        "final_error",
+        None,
+    ),
+    # --- empty model output -------------------------------------------------------------
+    (
+        "empty_response",
+        T.EMPTY_RESPONSE,
+        r"(?i)returned (?:an )?empty (?:content|response|string|completion|output|message"
+        r"|text|result)|empty (?:content|response|completion|output)(?: string| received"
+        r"| from| returned|\b)|EmptyResponse|no content (?:returned|in (?:the )?response)"
+        r"|response (?:content |text )?(?:was|is) empty|content (?:string )?is (?:empty|None)"
+        r"|no (?:choices|candidates|completions?) (?:were )?(?:returned|in (?:the )?response)"
+        r"|requires the response to contain a valid .?Part.?, but none were returned",
+        "any",
+        None,
+    ),
+    # --- malformed JSON -----------------------------------------------------------------
+    (
+        "json_parse",
+        T.JSON_PARSE,
+        r"JSONDecodeError|(?i:(?:failed|unable|could not|couldn't|cannot) (?:to )?"
+        r"(?:parse|decode).{0,120}\bJSON\b|invalid json|not (?:a )?valid JSON|json_invalid"
+        r"|JSON (?:parse|decode|parsing|decoding) error|OutputParserException"
+        r"|Expecting (?:value|property name enclosed in double quotes|',' delimiter"
+        r"|':' delimiter)|Unterminated string starting at|Extra data: line \d+)",
+        "any",
+        None,
+    ),
+    # --- cancelled by a person ------------------------------------------------------------
+    ("cancelled.sigint", T.CANCELLED, r"^\s*KeyboardInterrupt\b", "final_error", None),
+    # --- deterministic program errors -----------------------------------------------------
+    (
+        "code_error.shell",
+        T.CODE_ERROR,
+        r"command not found|can't open file .{0,300}No such file or directory"
+        r"|: error: (?:unrecognized arguments|the following arguments are required"
+        r"|argument )|Segmentation fault|core dumped|Illegal instruction",
+        "any",
+        None,
+    ),
+    (
+        "code_error.auth",
+        T.CODE_ERROR,
+        _status("400|401|403|404|422") + r"|(?i:invalid[ _]api[ _]key|incorrect api key)",
+        "final_error",
+        None,
+    ),
+    (
+        "code_error.exception",
+        T.CODE_ERROR,
+        rf"(?:^|[\s.(\[<'\"])(?:{_CODE_ERROR_CLASSES})\b",
+        "final_error",
+        None,
+    ),
+]
+
+# Slurm's own lines (where="slurm"): type, priority.
+_SLURM: list[tuple[str, ErrorType, str, int]] = [
+    ("slurm.time_limit", T.TIME_LIMIT, r"DUE TO TIME LIMIT|DUE TO DEADLINE", 2),
+    ("slurm.node_fail", T.NODE_FAIL, r"DUE TO NODE FAIL|(?i:Node failure on)", 2),
+    ("slurm.preempted", T.PREEMPTED, r"DUE TO PREEMPTION", 2),
+    (
+        "slurm.oom",
+        T.OOM,
+        r"(?i)oom[-_]kill event|OOM Killed|Exceeded (?:job|step) memory limit"
+        r"|exceeded memory limit \(\d+ > \d+\)|task \d+: Out Of Memory|out-of-memory handler",
+        2,
+    ),
+    (
+        "slurm.execve",
+        T.CODE_ERROR,
+        r"execve\(\): .{0,300}(?:No such file or directory|Permission denied)",
+        2,
+    ),
+    ("slurm.cancelled", T.CANCELLED, r"CANCELLED AT \S{1,40}(?: DUE TO SIGNAL \S+)? \*\*\*", 1),
+    (
+        "slurm.cancelled_other",
+        T.CANCELLED,
+        r"\*\*\* (?:JOB|STEP) \S{1,40} ON \S{1,200} CANCELLED",
+        1,
+    ),
+    (
+        "slurm.stepd_terminated",
+        T.NODE_FAIL,
+        r"STEPD TERMINATED|DUE TO JOB NOT ENDING WITH SIGNALS|Kill task failed",
+        0,
+    ),
+    ("slurm.killed", T.OOM, r"slurm_script: line \d+: +\d+ Killed|task \d+: Killed|^Killed$", 0),
+]
+
+# Which lines are Slurm's (or the batch shell's) rather than the program's.
+_SLURM_LINE = re.compile(
+    r"slurmstepd|^s(?:run|alloc|batch): |\*\*\* (?:JOB|STEP) |slurm_script: line \d+:|^Killed$"
+)
+
+# One search over each chunk: a line without any of these is never looked at again.
+# Must cover every built-in signature, record and structure marker below.
+_PREFILTER_WORDS = (
+    rb"Traceback|Error|ERROR|error|Exception|exception|EXCEPTION|FATAL|Fatal|fatal"
+    rb"|CRITICAL|Critical|slurmstepd|srun: |salloc: |sbatch: |\*\*\* |slurm_script"
+    rb"|Killed|killed|KILLED|[Qq]uota|QUOTA|[Cc]redit|[Bb]illing|[Pp]ayment|PAYMENT"
+    rb"|[Ii]nsufficient|INSUFFICIENT|[Ff]unds|(?<![\d.])(?:4(?:0[0-4]|22|29)|5(?:0[0-4]|2\d|30|99))"
+    rb"(?![\d.])|[Tt]oo [Mm]any|TOO_MANY|[Rr]ate[ _-]?[Ll]imit|RATE_LIMIT|[Oo]verloaded"
+    rb"|OVERLOADED|EXHAUSTED|Exhausted|UNAVAILABLE|[Uu]navailable|DEADLINE|Deadline"
+    rb"|[Tt]imeout|TIMEOUT|[Tt]imed out|[Cc]onnection|[Nn]etwork|refused|reset by peer"
+    rb"|Gateway|[Dd]isconnected|[Ee]mpty|EMPTY|JSON|Expecting|Unterminated|Extra data"
+    rb"|[Pp]arse|OOM|oom|[Oo]ut of memory|OutOfMemory|[Mm]emory limit|Memory|memory"
+    rb"|CUBLAS|CUDNN|CUDA|NCCL|nccl|Xid|ECC|NODE_FAIL|[Nn]ode failure|PREEMPT|[Tt]hrottl"
+    rb"|command not found|No such file|Segmentation fault|core dumped|Illegal instruction"
+    rb"|During handling|The above exception|KeyboardInterrupt|[Ss]ervice not known"
+    rb"|name resolution|[Nn]o route|EOF|eof|bad_alloc|[Aa]llocate|[Cc]ontent|[Cc]hoices"
+    rb"|[Cc]andidates|none were returned|StopIteration|SystemExit|api[ _]key|API key"
+    rb"|InvalidArgument|Interrupt|[Ss]uspended|good standing|[Ee]xceeded|EXCEEDED|Failure"
+    rb"|ERR|SEVERE|(?m:^[EF]\d{4} \d\d:)|[Ss]pend|[Uu]sage limit|fallen off|device handle"
+    rb"|GPU is lost|[Jj]son_invalid|[Ii]nvalid json|valid json|[Nn]o completion"
+)
+
+_TB_HEADER = re.compile(r"(?:Exception Group )?Traceback \(most recent call last\):")
+_CHAIN = re.compile(
+    r"During handling of the above exception, another exception occurred"
+    r"|The above exception was the direct cause of the following exception"
+)
+_IGNORED_TB = re.compile(
+    r"Exception ignored in|Task exception was never retrieved|Unclosed client session"
+    r"|Unclosed connector|Error in atexit\._run_exitfuncs"
+)
+_LEVEL = re.compile(
+    r"(?<![\w-])(DEBUG|INFO|NOTICE|WARNING|WARN|TRACE|ERROR|ERR|FATAL|CRITICAL|SEVERE"
+    r"|EXCEPTION)(?![\w-])"
+)
+_GLOG = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d\d")
+_PY_WARNING = re.compile(
+    r"^\S{1,300}:\d+: \w{0,40}Warning: |^\s*warnings\.warn\(|^\w{0,40}Warning: "
+)
+_RETRY_NOTICE = re.compile(
+    r"(?i)\bretrying\b|\bwill (?:be )?retr(?:y|ied)\b|\bretry(?:ing)? (?:in|after) [\d.]+"
+    r"|\bretry loop\b|\bbacking off\b|\bsleeping (?:for )?[\d.]+|\bretries left\b"
+    r"|\bwill try again\b"
+)
+# Lines a program prints when it fails, without a log level.
+_ERRORISH = re.compile(
+    r"^\s{0,4}(?:[\w.-]{1,200}: )?(?:error|Error|ERROR|fatal|Fatal|FATAL)(?:\[\w+\])?:"
+    r"|^\s{0,4}(?:[A-Za-z_][\w]*\.){0,8}[A-Z]\w{0,80}(?:Error|Exception|Exceeded|Exhausted"
+    r"|Unavailable|Timeout|Interrupt|Group|Failure)(?:\[.{0,300}\])?:(?: |$)"
+)
+_EXC_CLASS = re.compile(r"^\s*((?:[A-Za-z_]\w*\.){0,10}[A-Za-z_]\w*)(?:\[.{0,200}?\])?(?::|$)")
+_FRAME = re.compile(r"^(?:\s|\^|~|\[Previous line repeated|\.\.\.$|\+-|\+-+|\|\s*$)")
+
+
+def _is_informational(text: str) -> bool:
+    head = text[:120]
+    g = _GLOG.match(head)
+    if g is not None:
+        return g.group(1) in "IW"
+    m = _LEVEL.search(head)
+    if m is not None:
+        return m.group(1) not in {"ERROR", "ERR", "FATAL", "CRITICAL", "SEVERE", "EXCEPTION"}
+    return False
+
+
+def _is_error_level(text: str) -> bool:
+    head = text[:120]
+    g = _GLOG.match(head)
+    if g is not None:
+        return g.group(1) in "EF"
+    m = _LEVEL.search(head)
+    return m is not None and m.group(1) in {"ERROR", "ERR", "FATAL", "CRITICAL", "SEVERE"}
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureTable:
+    """Signatures in priority order (user ones first) and the success markers."""
+
+    signatures: tuple[Signature, ...]
+    slurm: tuple[Signature, ...]
+    success_markers: tuple[str, ...]
+    prefilter: re.Pattern[bytes] = field(repr=False)
+
+    def match(self, text: str, *, final: bool) -> tuple[Signature, re.Match[str]] | None:
+        """First signature matching ``text``; ``final`` admits final_error signatures."""
+        text = text[:MATCH_CHARS]
+        for sig in self.signatures:
+            if sig.where == "slurm" or (sig.where == "final_error" and not final):
+                continue
+            m = sig.match(text)
+            if m is not None:
+                return sig, m
+        return None
+
+    def match_slurm(self, text: str) -> tuple[Signature, re.Match[str]] | None:
+        text = text[:MATCH_CHARS]
+        for sig in self.slurm:
+            m = sig.match(text)
+            if m is not None:
+                return sig, m
+        return None
+
+    def success(self, text: str) -> bool:
+        folded = text.casefold()
+        return any(marker in folded for marker in self.success_markers)
+
+
+def build_table(settings: ClassifySettings) -> SignatureTable:
+    """Built-in signatures plus the user's (which take precedence)."""
+    user_any: list[Signature] = []
+    user_slurm: list[Signature] = []
+    extra_prefilter: list[bytes] = []
+    for i, us in enumerate(settings.signatures):
+        flags = re.IGNORECASE if us.ignore_case else 0
+        try:
+            rx = re.compile(us.pattern, flags)
+        except re.error as exc:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"classify.signatures[{i}] ({us.name}): invalid pattern {us.pattern!r}: {exc}"
+            ) from exc
+        sig = Signature(us.name, us.type, rx, us.where)
+        (user_slurm if us.where == "slurm" else user_any).append(sig)
+        extra_prefilter.append(_bytes_pattern(us.pattern, us.ignore_case))
+    builtin = [
+        Signature(name, typ, re.compile(rx), where, re.compile(unless) if unless else None)
+        for name, typ, rx, where, unless in _BUILTIN
+    ]
+    slurm = [
+        Signature(name, typ, re.compile(rx), "slurm", None, prio) for name, typ, rx, prio in _SLURM
+    ]
+    markers = tuple(m.casefold() for m in settings.success_markers if m.strip())
+    words = [_PREFILTER_WORDS, *extra_prefilter]
+    words += [
+        b"(?i:" + re.escape(m.encode("utf-8")) + b")" for m in settings.success_markers if m.strip()
+    ]
+    prefilter = re.compile(b"|".join(words))
+    return SignatureTable(
+        signatures=tuple(user_any + builtin),
+        slurm=tuple(user_slurm + slurm),
+        success_markers=markers,
+        prefilter=prefilter,
+    )
+
+
+def _bytes_pattern(pattern: str, ignore_case: bool) -> bytes:
+    """The user's pattern for the bytes prefilter; a match-anything guard if it won't translate."""
+    try:
+        raw = pattern.encode("utf-8")
+        re.compile(raw)
+    except (re.error, UnicodeEncodeError):
+        # e.g. \N{...} or str-only classes: look at every line rather than miss one
+        return rb"[^\n]"
+    # (?m) so ^ and $ mean the same in a whole chunk as in a single line
+    return (b"(?mi:" if ignore_case else b"(?m:") + raw + b")"
+
+
+# ---------------------------------------------------------------------------------------
+# Findings
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A line that matters, with its 1-based number and the signature it matched."""
+
+    line_no: int
+    text: str
+    error_type: ErrorType | None = None
+    signature: str | None = None
+    role: str = "rec"  # exc (exception line), cont (its message), ctx, rec (error record)
+    priority: int = 2  # Slurm lines only
+
+    def to_json(self) -> list[Any]:
+        return [
+            self.line_no,
+            self.text,
+            self.error_type.value if self.error_type else None,
+            self.signature,
+            self.role,
+            self.priority,
+        ]
+
+    @classmethod
+    def from_json(cls, data: Sequence[Any]) -> Hit:
+        line_no, text, typ, sig, role, prio = data
+        return cls(
+            int(line_no), str(text), ErrorType(typ) if typ else None, sig, str(role), int(prio)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FinalError:
+    """The error that ended the program (so far): a traceback chain or an error record."""
+
+    kind: str  # "traceback" | "record"
+    entries: tuple[Hit, ...]
+
+    def resolve(self) -> tuple[ErrorType | None, Hit]:
+        """(type, deciding line); type None = an error record nothing recognises."""
+        entries = self.entries
+        if self.kind == "traceback":
+            exc_idx = max((i for i, e in enumerate(entries) if e.role == "exc"), default=None)
+            if exc_idx is not None:
+                block = entries[exc_idx:]
+                for e in block:
+                    if e.error_type is not None and e.error_type is not T.CODE_ERROR:
+                        return e.error_type, e
+                final = entries[exc_idx]
+                if final.error_type is T.CODE_ERROR:
+                    return T.CODE_ERROR, final
+                for e in reversed(entries[:exc_idx]):
+                    if e.error_type is not None and e.error_type is not T.CODE_ERROR:
+                        return e.error_type, e
+                for e in reversed(entries[:exc_idx]):
+                    if e.error_type is T.CODE_ERROR:
+                        return T.CODE_ERROR, e
+                return T.CODE_ERROR, final
+            # a traceback cut off before its exception line: look at what we have
+        for e in reversed(entries):
+            if e.error_type is not None and e.error_type is not T.CODE_ERROR:
+                return e.error_type, e
+        for e in reversed(entries):
+            if e.error_type is T.CODE_ERROR:
+                return T.CODE_ERROR, e
+        if self.kind == "traceback":
+            return T.CODE_ERROR, entries[-1]
+        return None, entries[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class ScanFindings:
+    """What one log file says, as far as it has been read."""
+
+    source: str
+    lines: int
+    success: Hit | None = None
+    slurm: Hit | None = None
+    final: FinalError | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Scanner
+
+_SCAN, _TB, _EXC = 0, 1, 2
+
+
+def _excerpt(text: str, m: re.Match[str] | None = None) -> str:
+    text = text.strip()
+    if len(text) <= EVIDENCE_CHARS:
+        return text
+    if m is None or m.end() <= EVIDENCE_CHARS - 1:
+        return text[: EVIDENCE_CHARS - 1] + "…"
+    start = max(0, m.start() - 100)
+    return "…" + text[start : start + EVIDENCE_CHARS - 2] + "…"
+
+
+def _decode(raw: bytes) -> str:
+    text = raw.decode("utf-8", errors="replace")
+    if "\r" in text:
+        # progress bars redraw with \r: what is visible is the last segment
+        parts = [p for p in text.split("\r") if p.strip()]
+        text = parts[-1] if parts else ""
+    return text.rstrip("\n")
+
+
+class LogScanner:
+    """Streaming classifier over one log file. Feed bytes in any chunking."""
+
+    def __init__(self, table: SignatureTable, source: str) -> None:
+        self.table = table
+        self.source = source
+        self._lines = 0
+        self._partial = b""
+        self._mode = _SCAN
+        self._prefix = ""
+        self._frames = 0
+        self._cont_left = 0
+        self._chain_line = -10  # line number of the last chain marker
+        self._ignore_line = -10  # line number of the last "Exception ignored in"
+        self._cur: list[Hit] = []  # entries of the error being built
+        self._cur_kind = ""
+        self._cur_ignored = False
+        self._cur_group = False  # an exception group: nested tracebacks belong to it
+        self._final: FinalError | None = None
+        self._success: Hit | None = None
+        self._slurm: Hit | None = None
+
+    # -- feeding ------------------------------------------------------------------------
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        start = 0
+        if self._partial:
+            nl = chunk.find(b"\n")
+            if nl < 0:
+                self._carry(chunk)
+                return
+            self._carry(chunk[:nl])
+            line, self._partial = self._partial, b""
+            self._lines += 1
+            self._line(line, self._lines)
+            start = nl + 1
+        last = chunk.rfind(b"\n", start)
+        if last < 0:
+            self._carry(chunk[start:])
+            return
+        self._block(chunk, start, last + 1)
+        self._carry(chunk[last + 1 :])
+
+    def _carry(self, data: bytes) -> None:
+        room = MAX_LINE_BYTES - len(self._partial)
+        if room > 0 and data:
+            self._partial += data[:room]
+
+    def _block(self, buf: bytes, pos: int, end: int) -> None:
+        """Complete lines in ``buf[pos:end]`` (``end`` just after a newline)."""
+        search = self.table.prefilter.search
+        while pos < end:
+            if self._mode != _SCAN:
+                nl = buf.find(b"\n", pos, end)
+                self._lines += 1
+                self._line(buf[pos : min(nl, pos + MAX_LINE_BYTES)], self._lines)
+                pos = nl + 1
+                continue
+            m = search(buf, pos, end)
+            if m is None:
+                self._lines += buf.count(b"\n", pos, end)
+                return
+            hit = m.start()
+            ls = buf.rfind(b"\n", pos, hit) + 1 or pos
+            if ls < pos:
+                ls = pos
+            self._lines += buf.count(b"\n", pos, ls) + 1
+            le = buf.find(b"\n", hit, end)
+            self._line(buf[ls : min(le, ls + MAX_LINE_BYTES)], self._lines)
+            pos = le + 1
+
+    # -- one line -----------------------------------------------------------------------
+
+    def _line(self, raw: bytes, line_no: int) -> None:
+        if self._mode == _SCAN and self.table.prefilter.search(raw) is None:
+            return
+        text = _decode(raw)
+        if self._mode == _TB:
+            self._in_traceback(text, line_no)
+        elif self._mode == _EXC:
+            self._after_exception(text, line_no)
+        else:
+            self._scan(text, line_no)
+
+    def _strip_prefix(self, text: str) -> str:
+        if self._prefix and text.startswith(self._prefix):
+            return text[len(self._prefix) :]
+        if self._prefix.strip() == "|" or self._cur_group:
+            # exception groups nest: "  | ", "    | "
+            m = re.match(r"^[ ]{0,40}\| ?", text)
+            if m is not None:
+                return text[m.end() :]
+        return text
+
+    def _in_traceback(self, text: str, line_no: int) -> None:
+        body = self._strip_prefix(text)
+        header = _TB_HEADER.search(body)
+        if header is not None and not body[: header.start()].strip(" |+-"):
+            self._start_traceback(text, _TB_HEADER.search(text), line_no)  # type: ignore[arg-type]
+            return
+        self._frames += 1
+        if not body.strip() or _FRAME.match(body) or self._frames > MAX_FRAME_LINES:
+            if self._frames > MAX_FRAME_LINES:
+                self._mode = _SCAN
+            return
+        found = self.table.match(body, final=True)
+        exc = _EXC_CLASS.match(body)
+        if exc is not None and exc.group(1).endswith("Group"):
+            self._cur_group = True
+        self._add(body, line_no, "exc", found)
+        self._mode = _EXC
+        self._cont_left = MAX_CONTINUATION
+
+    def _after_exception(self, text: str, line_no: int) -> None:
+        body = self._strip_prefix(text)
+        if not body.strip():
+            self._mode = _SCAN
+            return
+        if (
+            _TB_HEADER.search(text)
+            or _CHAIN.search(text)
+            or _SLURM_LINE.search(text)
+            or self.table.success(text)
+            or _LEVEL.search(text[:120])
+            or _GLOG.match(text)
+            or body.lstrip().startswith("+-")
+        ):
+            self._mode = _SCAN
+            if self.table.prefilter.search(text.encode("utf-8", "replace")) is not None:
+                self._scan(text, line_no)
+            return
+        found = self.table.match(body, final=True)
+        self._add(body, line_no, "cont", found)
+        self._cont_left -= 1
+        if self._cont_left <= 0:
+            self._mode = _SCAN
+
+    def _scan(self, text: str, line_no: int) -> None:
+        header = _TB_HEADER.search(text)
+        if header is not None:
+            self._start_traceback(text, header, line_no)
+            return
+        if _CHAIN.search(text):
+            if self._cur_kind == "traceback" and self._cur and line_no - self._cur[-1].line_no <= 3:
+                self._chain_line = line_no
+            return
+        if _IGNORED_TB.search(text):
+            self._ignore_line = line_no
+            return
+        if _SLURM_LINE.search(text):
+            found = self.table.match_slurm(text)
+            if found is not None:
+                sig, m = found
+                if self._slurm is None or sig.priority >= self._slurm.priority:
+                    self._slurm = Hit(
+                        line_no, _excerpt(text, m), sig.type, sig.name, "slurm", sig.priority
+                    )
+                return
+            # other lines from the batch shell ("python: command not found") go on below
+        if self.table.success(text):
+            if self._success is None:
+                self._success = Hit(line_no, _excerpt(text), None, "success", "success")
+            return
+        if (
+            _is_informational(text)
+            or _PY_WARNING.search(text[:400])
+            or text.startswith("wandb:")
+            or _RETRY_NOTICE.search(text[:MATCH_CHARS])
+        ):
+            return
+        record = _is_error_level(text) or _ERRORISH.search(text[:2000]) is not None
+        found = self.table.match(text, final=record)
+        if not record and found is None:
+            return
+        if (
+            self._cur_kind == "record"
+            and not self._cur_ignored
+            and self._cur
+            and self._cur[-1].line_no == line_no - 1
+            and len(self._cur) < MAX_ENTRIES
+        ):
+            self._add(text, line_no, "rec", found)  # one multi-line record
+            return
+        self._new_error("record", ignored=False)
+        self._add(text, line_no, "rec", found)
+
+    def _start_traceback(self, text: str, header: re.Match[str], line_no: int) -> None:
+        prefix = text[: header.start()]
+        nested = "|" in prefix and self._cur_kind == "traceback" and self._cur_group
+        chained = line_no - self._chain_line <= 3 and self._cur_kind == "traceback"
+        if not (nested or chained):
+            ignored = line_no - self._ignore_line <= 2
+            # logger.exception("...") prints the record, then the traceback: one error
+            keep = (
+                self._cur_kind == "record"
+                and not ignored
+                and self._cur
+                and self._cur[-1].line_no >= line_no - 1
+            )
+            context = (
+                [Hit(e.line_no, e.text, e.error_type, e.signature, "ctx") for e in self._cur]
+                if keep
+                else []
+            )
+            self._new_error("traceback", ignored=ignored)
+            self._cur.extend(context[-MAX_ENTRIES:])
+            self._cur_group = header.group(0).startswith("Exception Group")
+            self._publish()
+        elif header.group(0).startswith("Exception Group"):
+            self._cur_group = True
+        if len(prefix) <= 40 and "\r" not in prefix:
+            self._prefix = (
+                prefix.replace("+", "|")
+                if header.group(0).startswith("Exception Group")
+                else prefix
+            )
+        else:
+            self._prefix = ""
+        self._mode = _TB
+        self._frames = 0
+
+    def _new_error(self, kind: str, *, ignored: bool) -> None:
+        self._cur = []
+        self._cur_kind = kind
+        self._cur_ignored = ignored
+        self._cur_group = False
+
+    def _add(
+        self, text: str, line_no: int, role: str, found: tuple[Signature, re.Match[str]] | None
+    ) -> None:
+        sig, m = found if found is not None else (None, None)
+        hit = Hit(
+            line_no, _excerpt(text, m), sig.type if sig else None, sig.name if sig else None, role
+        )
+        if len(self._cur) >= MAX_ENTRIES:
+            # keep the first entry (often the root cause) and the latest ones
+            del self._cur[1]
+        self._cur.append(hit)
+        self._publish()
+
+    def _publish(self) -> None:
+        if not self._cur_ignored and self._cur:
+            self._final = FinalError(self._cur_kind, tuple(self._cur))
+
+    # -- results ------------------------------------------------------------------------
+
+    def findings(self) -> ScanFindings:
+        """Findings so far, counting an unterminated last line; more can be fed after."""
+        if self._partial:
+            probe = LogScanner.from_state(self.table, self.source, self.state())
+            probe.feed(b"\n")
+            return probe.findings()
+        return ScanFindings(self.source, self._lines, self._success, self._slurm, self._final)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "v": STATE_VERSION,
+            "lines": self._lines,
+            "partial": base64.b64encode(self._partial).decode("ascii"),
+            "mode": self._mode,
+            "prefix": self._prefix,
+            "frames": self._frames,
+            "cont_left": self._cont_left,
+            "chain_line": self._chain_line,
+            "ignore_line": self._ignore_line,
+            "cur": [h.to_json() for h in self._cur],
+            "cur_kind": self._cur_kind,
+            "cur_ignored": self._cur_ignored,
+            "cur_group": self._cur_group,
+            "final": (
+                {"kind": self._final.kind, "entries": [h.to_json() for h in self._final.entries]}
+                if self._final
+                else None
+            ),
+            "success": self._success.to_json() if self._success else None,
+            "slurm": self._slurm.to_json() if self._slurm else None,
+        }
+
+    @classmethod
+    def from_state(cls, table: SignatureTable, source: str, state: dict[str, Any]) -> LogScanner:
+        scanner = cls(table, source)
+        try:
+            if state.get("v") != STATE_VERSION:
+                raise ValueError(f"version {state.get('v')!r}")
+            scanner._lines = int(state["lines"])
+            scanner._partial = base64.b64decode(state["partial"])[:MAX_LINE_BYTES]
+            scanner._mode = int(state["mode"])
+            if scanner._mode not in (_SCAN, _TB, _EXC):
+                raise ValueError("mode")
+            scanner._prefix = str(state["prefix"])
+            scanner._frames = int(state["frames"])
+            scanner._cont_left = int(state["cont_left"])
+            scanner._chain_line = int(state["chain_line"])
+            scanner._ignore_line = int(state["ignore_line"])
+            scanner._cur = [Hit.from_json(h) for h in state["cur"]]
+            scanner._cur_kind = str(state["cur_kind"])
+            scanner._cur_ignored = bool(state["cur_ignored"])
+            scanner._cur_group = bool(state["cur_group"])
+            final = state["final"]
+            scanner._final = (
+                FinalError(str(final["kind"]), tuple(Hit.from_json(h) for h in final["entries"]))
+                if final
+                else None
+            )
+            scanner._success = Hit.from_json(state["success"]) if state["success"] else None
+            scanner._slurm = Hit.from_json(state["slurm"]) if state["slurm"] else None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ScanStateError(
+                f"cannot resume scanning {source}: bad saved state ({exc})"
+            ) from exc
+        return scanner
+
+
+def scan_path(
+    path: Path | str,
+    table: SignatureTable,
+    *,
+    offset: int = 0,
+    state: dict[str, Any] | None = None,
+) -> tuple[ScanFindings, int, dict[str, Any]]:
+    """Scan ``path`` from ``offset`` (resuming ``state``); returns (findings, new offset, state)."""
+    source = str(path)
+    scanner = LogScanner.from_state(table, source, state) if state else LogScanner(table, source)
+    pos = offset
+    try:
+        with open(path, "rb") as fh:
+            if offset:
+                fh.seek(offset)
+            while True:
+                chunk = fh.read(READ_CHUNK)
+                if not chunk:
+                    break
+                scanner.feed(chunk)
+                pos += len(chunk)
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise InputError(f"{path}: is a directory") from exc
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return scanner.findings(), pos, scanner.state()
+
+
+# ---------------------------------------------------------------------------------------
+# Decision
+
+_STATE_TYPES: dict[str, ErrorType] = {
+    "TIMEOUT": T.TIME_LIMIT,
+    "DEADLINE": T.TIME_LIMIT,
+    "OUT_OF_MEMORY": T.OOM,
+    "NODE_FAIL": T.NODE_FAIL,
+    "BOOT_FAIL": T.NODE_FAIL,
+    "PREEMPTED": T.PREEMPTED,
+    "CANCELLED": T.CANCELLED,
+    "REVOKED": T.CANCELLED,
+}
+
+
+def _sacct_evidence(row: SacctRow) -> Evidence:
+    code = "" if row.exit_code is None else str(row.exit_code)
+    sig = "" if row.exit_signal is None else str(row.exit_signal)
+    text = f"State={row.state_raw or row.state} ExitCode={code}:{sig}"
+    return Evidence(text=text, line_no=None, source="sacct")
+
+
+def _evidence(hit: Hit, source: str) -> Evidence:
+    return Evidence(text=hit.text, line_no=hit.line_no, source=source)
+
+
+def _is_hung(row: SacctRow | None, settings: ClassifySettings) -> bool:
+    if row is None or row.elapsed_s is None or row.total_cpu_s is None:
+        return False
+    if row.elapsed_s < settings.hung_min_elapsed_s:
+        return False
+    cpus = 1
+    for name in ("AllocCPUS", "NCPUS"):
+        value = row.extra.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            cpus = int(value)
+            break
+    return row.total_cpu_s < settings.hung_cpu_fraction * row.elapsed_s * cpus
+
+
+def decide(
+    findings: Sequence[ScanFindings],
+    sacct: SacctRow | None,
+    settings: ClassifySettings,
+    *,
+    retryable_types: frozenset[ErrorType] = RETRYABLE_BY_DEFAULT,
+    active: bool = False,
+) -> Verdict:
+    """The verdict for one task from its logs (``.err`` then ``.out``) and its sacct row."""
+
+    def failure(typ: ErrorType, evidence: Evidence | None) -> Verdict:
+        hung = typ is T.TIME_LIMIT and _is_hung(sacct, settings)
+        return Verdict(
+            outcome=Outcome.FAILURE,
+            error_type=typ,
+            retryable=typ in retryable_types and not hung,
+            evidence=evidence,
+            hung=hung,
+        )
+
+    if active or (sacct is not None and sacct.state in ACTIVE_STATES):
+        return Verdict(outcome=Outcome.RUNNING)
+
+    for f in findings:
+        if f.success is not None:
+            return Verdict(outcome=Outcome.SUCCESS, evidence=_evidence(f.success, f.source))
+
+    # Slurm's own verdict
+    strong: tuple[Hit, str] | None = None
+    weak: tuple[Hit, str] | None = None
+    for f in findings:
+        s = f.slurm
+        if s is None:
+            continue
+        if s.priority >= 1 and (strong is None or s.priority > strong[0].priority):
+            strong = (s, f.source)
+        elif s.priority == 0 and weak is None:
+            weak = (s, f.source)
+    state_type = _STATE_TYPES.get(sacct.state) if sacct is not None else None
+    if state_type is not None:
+        assert sacct is not None
+        if strong is not None and strong[0].error_type is state_type:
+            return failure(state_type, _evidence(*strong))
+        if state_type is T.CANCELLED and strong is not None and strong[0].error_type is not None:
+            return failure(strong[0].error_type, _evidence(*strong))
+        if weak is not None and weak[0].error_type is state_type:
+            return failure(state_type, _evidence(*weak))
+        return failure(state_type, _sacct_evidence(sacct))
+    if strong is not None and strong[0].error_type is not None:
+        return failure(strong[0].error_type, _evidence(*strong))
+
+    # The error that ended the program: a traceback beats an error record, a recognised
+    # type beats an unrecognised one, the .err (first) beats the .out.
+    best: tuple[tuple[int, int], ErrorType | None, Hit, str] | None = None
+    for f in findings:
+        if f.final is None:
+            continue
+        typ, hit = f.final.resolve()
+        rank = (int(f.final.kind == "traceback"), int(typ is not None))
+        if best is None or rank > best[0]:
+            best = (rank, typ, hit, f.source)
+    if best is not None and best[1] is not None:
+        return failure(best[1], _evidence(best[2], best[3]))
+    if weak is not None and weak[0].error_type is not None:
+        return failure(weak[0].error_type, _evidence(*weak))
+
+    if sacct is None:
+        return Verdict(outcome=Outcome.UNKNOWN)
+    if sacct.state == "COMPLETED" and not sacct.exit_code:
+        return Verdict(outcome=Outcome.SUCCESS, evidence=_sacct_evidence(sacct))
+    if best is not None:
+        return failure(T.UNKNOWN, _evidence(best[2], best[3]))
+    return failure(T.UNKNOWN, _sacct_evidence(sacct))
+
+
+# ---------------------------------------------------------------------------------------
+# The classify command
+
+
+def evidence_string(evidence: Evidence | None) -> str | None:
+    """``"<line_no>: <text>"``, ``"sacct: <text>"``, or None."""
+    if evidence is None:
+        return None
+    if evidence.line_no is None:
+        return f"{evidence.source}: {evidence.text}"
+    return f"{evidence.line_no}: {evidence.text}"
+
+
+@dataclass(frozen=True, slots=True)
+class FileVerdict:
+    path: str
+    verdict: Verdict | None
+    error: str | None = None  # the file could not be read
+
+    def to_json(self) -> dict[str, Any]:
+        v = self.verdict
+        out: dict[str, Any] = {
+            "path": self.path,
+            "outcome": (v.outcome if v else Outcome.UNKNOWN).value,
+            "error_type": v.error_type.value if v and v.error_type else None,
+            "retryable": bool(v and v.retryable),
+            "evidence": evidence_string(v.evidence) if v else None,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyResult:
+    files: tuple[FileVerdict, ...]
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FAILURE if any(f.error for f in self.files) else EXIT_OK
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [f.to_json() for f in self.files]
+
+    def render_text(self) -> str:
+        lines: list[str] = []
+        for f in self.files:
+            if f.error is not None:
+                lines.append(f"{f.path}: error: {f.error}")
+                continue
+            v = f.verdict
+            assert v is not None
+            head = v.outcome.value
+            if v.error_type is not None:
+                head += f" {v.error_type.value}"
+                head += " (retryable)" if v.retryable else " (not retryable)"
+                if v.hung:
+                    head += " hung"
+            lines.append(f"{f.path}: {head}")
+            ev = evidence_string(v.evidence)
+            if ev is not None and v.outcome is Outcome.FAILURE:
+                lines.append(f"    {ev}")
+        return "\n".join(lines)
+
+
+def classify_files(paths: Iterable[Path | str], settings: Settings) -> ClassifyResult:
+    """Classify each file on its own (no sacct). Unreadable files are reported, not fatal,
+    unless no file at all could be read."""
+    table = build_table(settings.classify)
+    retryable = frozenset(t for t, p in settings.resubmit.types.items() if p.enabled)
+    out: list[FileVerdict] = []
+    for path in paths:
+        try:
+            found, _pos, _state = scan_path(path, table)
+        except InputError as exc:
+            out.append(FileVerdict(str(path), None, str(exc)))
+            continue
+        out.append(
+            FileVerdict(
+                str(path), decide([found], None, settings.classify, retryable_types=retryable)
+            )
+        )
+    if out and all(f.error for f in out):
+        raise InputError("; ".join(f.error or "" for f in out))
+    return ClassifyResult(tuple(out))
+
+
+__all__ = [
+    "ClassifyResult",
+    "FileVerdict",
+    "FinalError",
+    "Hit",
+    "LogScanner",
+    "ScanFindings",
+    "ScanStateError",
+    "Signature",
+    "SignatureTable",
+    "build_table",
+    "classify_files",
+    "decide",
+    "evidence_string",
+    "scan_path",
+]
