@@ -116,7 +116,9 @@ def generate(root: Path, tasks: int, big: int, big_mb: int, gb: bool, seed: int 
         sub = logs / f"batch_{task // per_dir:03d}"
         sub.mkdir(parents=True, exist_ok=True)
         stem = sub / f"ttc_claude_{job}_{task % 500}"
-        err = _body(rng, raw, task, rng.randint(50, 400)) + rng.choice(ENDINGS).format(raw=raw)
+        err = _body(rng, raw, task, rng.randint(50, 400)) + rng.choice(ENDINGS).replace(
+            "{raw}", str(raw)
+        )
         out = PROGRESS.format(r=1, tok=4290) * rng.randint(5, 40)
         stem.with_suffix(".err").write_text(err)
         stem.with_suffix(".out").write_text(out)
