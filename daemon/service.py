@@ -297,7 +297,10 @@ def _scan_logs(ctx: TickContext, report: TickReport) -> None:
 
     ledger = ctx.ledger
     table = ctx.signature_table()
-    for log_dir in ctx.settings.watch.log_dirs:
+    watch = ctx.settings.watch
+    horizon_s = max(watch.retention_days * 86400, watch.initial_lookback_s)
+    oldest = ctx.clock().timestamp() - horizon_s
+    for log_dir in watch.log_dirs:
         warnings: list[str] = []
         try:
             found = find_job_logs(Path(log_dir).expanduser(), ctx.settings.analyze, warnings)
@@ -307,6 +310,10 @@ def _scan_logs(ctx: TickContext, report: TickReport) -> None:
         report.errors.extend(f"logs: {w}" for w in warnings[:5])
         for job_logs in found:
             key = str(job_logs.key)
+            if job_logs.mtime < oldest and not any(
+                str(p) in ledger.cursors for p in job_logs.paths
+            ):
+                continue  # older than anything we track: retention dropped it, don't revive it
             for path in job_logs.paths:
                 report.files_seen += 1
                 path_s = str(path)
