@@ -66,9 +66,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("slurm_triage.notify")
 # slack-sdk logs the full webhook URL (the secret) at DEBUG when its logger's own level
-# allows it; its clients get this logger, pinned above DEBUG whatever the root level is.
+# allows it, and repeats every failure at ERROR; its clients get this logger, pinned so it
+# stays quiet whatever the root level is: we classify and log each failure ourselves.
 _sdk_log = logging.getLogger("slurm_triage.notify.slack_sdk")
-_sdk_log.setLevel(logging.WARNING)
+_sdk_log.setLevel(logging.CRITICAL)
 
 EVENT_TYPE = "slurm_triage"
 DONE_STATES = frozenset({"sent", "dead"})
