@@ -910,7 +910,7 @@ def run_manual(
 
         def save() -> None:
             if not is_dry:
-                store.save(ledger)
+                store.save(ledger, now=now)
 
         result.report = process_tick(
             ledger,
