@@ -199,7 +199,7 @@ def test_no_task_beyond_its_cap_across_restarts(fake: FakeSlurm, tmp_path: Path)
 def test_billing_pause_stops_everything_until_resume(
     fake: FakeSlurm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path, work = seed(tmp_path, failed("400_1", "billing"))
+    path, _ = seed(tmp_path, failed("400_1", "billing"))
     for k in range(3):
         run_driver(fake, path, NOW + timedelta(minutes=k))
     assert fake.submissions() == []
