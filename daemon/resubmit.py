@@ -492,6 +492,9 @@ def record_submitted(
         child.origin = parent.origin_key
         child.parent = parent.key
         child.attempt = parent.attempt + 1
+        if child.outcome == "success":
+            # the tick classified it before this intent was reconciled: close the loop now
+            _mark_recovered(ledger, child, now)
         parent.retried_as = key
         parent.resubmit = "submitted"
         parent.resubmit_note = f"resubmitted as job {new_job_id} at {stamp}"
@@ -658,25 +661,30 @@ def reconcile(
     return report
 
 
+def _mark_recovered(ledger: LedgerView, record: JobRecord, now: datetime) -> None:
+    """Every ancestor of a successful retry (up to the original) is recovered by it."""
+    seen: set[str] = set()
+    key = record.parent
+    while key and key not in seen:
+        seen.add(key)
+        anc = ledger.jobs.get(key)
+        if anc is None:
+            break
+        anc.recovered_by = record.key
+        anc.updated_at = _iso(now)
+        key = anc.parent
+    origin = ledger.jobs.get(record.origin) if record.origin else None
+    if origin is not None and origin.recovered_by != record.key:
+        origin.recovered_by = record.key
+    ledger.mark_dirty()
+
+
 def on_classified(ledger: LedgerView, record: JobRecord, settings: Settings, now: datetime) -> None:
     """Close the loop when a task finishes: recovered lineage, or cap reached."""
     if not record.parent and not record.origin:
         return
     if record.outcome == "success":
-        seen: set[str] = set()
-        key = record.parent
-        while key and key not in seen:
-            seen.add(key)
-            anc = ledger.jobs.get(key)
-            if anc is None:
-                break
-            anc.recovered_by = record.key
-            anc.updated_at = _iso(now)
-            key = anc.parent
-        origin = ledger.jobs.get(record.origin) if record.origin else None
-        if origin is not None and origin.recovered_by != record.key:
-            origin.recovered_by = record.key
-        ledger.mark_dirty()
+        _mark_recovered(ledger, record, now)
         return
     if record.outcome != "failure":
         return

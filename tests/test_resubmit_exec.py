@@ -282,3 +282,33 @@ def test_failed_child_is_resubmitted_with_next_attempt_until_cap(
     assert begins == ["--begin=now+10", "--begin=now+20"]
     # the grandchild was rebuilt from the child's own (generated) submit line
     assert led.jobs[keys[2]].origin == "100_5" and led.jobs[keys[2]].parent == keys[1]
+
+
+def test_child_classified_before_reconcile_still_closes_the_loop(
+    fake: FakeSlurm, work: Path
+) -> None:
+    st = settings()
+    st.slurm.sbatch_timeout_s = 1.0
+    led = ledger_of(failed("100_1", work_dir=str(work)))
+    fake.sbatch_hang_after_submit(5.0)
+    tick(led, st, SlurmRunner())
+    new = accepted(fake)[0]["job_id"]
+    # the tick saw the new job in sacct first and classified it as a fresh success
+    seen = JobRecord(key=f"{new}_1", job_id=new, array_task=1, user=USER, outcome="success")
+    led.jobs[seen.key] = seen
+    sa, sq = _rows(fake, st)
+    reconcile(led, sa, sq, NOW)
+    assert (seen.origin, seen.parent, seen.attempt) == ("100_1", "100_1", 2)
+    assert led.jobs["100_1"].recovered_by == seen.key
+
+
+def test_success_two_generations_down_recovers_every_ancestor(fake: FakeSlurm, work: Path) -> None:
+    st = settings()
+    led = ledger_of(failed("100_1", work_dir=str(work)))
+    tick(led, st, SlurmRunner())
+    child = _child(led, "100_1", "failure", "rate_limit")
+    tick(led, st, SlurmRunner())
+    grandchild = _child(led, child.key, "success")
+    on_classified(led, grandchild, st, NOW)
+    assert led.jobs["100_1"].recovered_by == grandchild.key
+    assert child.recovered_by == grandchild.key
