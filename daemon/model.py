@@ -204,7 +204,7 @@ def compress_ranges(indices: list[int] | set[int] | frozenset[int]) -> str:
 
 
 def expand_ranges(text: str) -> list[int]:
-    """Inverse of compress_ranges; accepts ``1-3,7`` and ``1-9:2`` steps. Ignores a ``%N`` throttle."""
+    """Inverse of compress_ranges; accepts ``1-3,7`` and ``1-9:2``; ignores a ``%N`` throttle."""
     body = text.split("%", 1)[0].strip().strip("[]")
     out: list[int] = []
     for part in body.split(","):

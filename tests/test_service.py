@@ -133,7 +133,9 @@ def test_sacct_failure_is_recorded_and_the_next_tick_recovers(
 ) -> None:
     job = _array(fake, setup["logs"], "0")
     fake.finish(f"{job}_0", "FAILED", err=RATE_LIMIT_TB)
-    fake.fail_next("sacct", rc=1, stderr="sacct: error: Problem talking to the database: Connection refused")
+    fake.fail_next(
+        "sacct", rc=1, stderr="sacct: error: Problem talking to the database: Connection refused"
+    )
     assert _once(setup["config"]) == 1
     ledger = _ledger(setup)
     assert f"{job}_0" not in ledger.jobs or ledger.jobs[f"{job}_0"].classified_at is None
@@ -152,7 +154,9 @@ def test_sacct_garbage_keeps_previous_state(fake: FakeSlurm, setup: dict[str, An
     assert _ledger(setup).jobs[f"{job}_0"].to_json() == before
 
 
-def test_placeholder_row_is_not_judged_until_complete(fake: FakeSlurm, setup: dict[str, Any]) -> None:
+def test_placeholder_row_is_not_judged_until_complete(
+    fake: FakeSlurm, setup: dict[str, Any]
+) -> None:
     job = _array(fake, setup["logs"], "0")
     fake.finish(f"{job}_0", "FAILED", err=RATE_LIMIT_TB)
     fake.placeholder_rows(job, True)
@@ -182,7 +186,9 @@ def test_grown_log_is_read_from_its_offset(fake: FakeSlurm, setup: dict[str, Any
     assert record.evidence["line_no"] == 1004  # numbering continues across reads
 
 
-@pytest.mark.parametrize("point", ["tick.after_sacct", "tick.mid_scan", "ledger.before_rename", "ledger.after_rename"])
+@pytest.mark.parametrize(
+    "point", ["tick.after_sacct", "tick.mid_scan", "ledger.before_rename", "ledger.after_rename"]
+)
 def test_kill_at_any_tick_step_never_classifies_twice(
     fake: FakeSlurm, setup: dict[str, Any], point: str
 ) -> None:
@@ -260,7 +266,9 @@ def test_sigterm_finishes_and_exits_zero_with_systemd_notify(
     assert any(entry.get("event") == "stopped" for entry in lines)
 
 
-def test_status_json_has_a_stable_shape(fake: FakeSlurm, setup: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_json_has_a_stable_shape(
+    fake: FakeSlurm, setup: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     job = _array(fake, setup["logs"], "0-1")
     fake.finish(f"{job}_0", "FAILED", err=RATE_LIMIT_TB)
     fake.finish(f"{job}_1", "FAILED", err=KEY_ERROR_TB)
@@ -286,12 +294,16 @@ def test_status_json_has_a_stable_shape(fake: FakeSlurm, setup: dict[str, Any], 
     assert "1 rate_limit" in text and "last tick:" in text
 
 
-def test_status_without_a_ledger_says_never(setup: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_without_a_ledger_says_never(
+    setup: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["status", "--config", str(setup["config"])]) == 0
     assert "last tick: never" in capsys.readouterr().out
 
 
-def test_missing_sacct_binary_is_an_error_not_a_crash(setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_sacct_binary_is_an_error_not_a_crash(
+    setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setenv("SLURM_TRIAGE_SLURM__SACCT", "/nonexistent/sacct")
     monkeypatch.setenv("SLURM_TRIAGE_SLURM__SQUEUE", "/nonexistent/squeue")
@@ -307,5 +319,11 @@ def _ledger_or_beat(setup: dict[str, Any]) -> list[str]:
 
 def test_help_is_fast_because_heavy_imports_are_lazy() -> None:
     code = "import sys, daemon.cli; daemon.cli.build_parser(); print(sorted(m for m in sys.modules if m.split('.')[0] in {'apscheduler','slack_sdk','structlog','pydantic','pydantic_settings'}))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=dict(os.environ))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ),
+    )
     assert out.stdout.strip() == "[]"
