@@ -49,7 +49,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="slurm-triage",
-        description="Explain failed Slurm jobs, report them, and resubmit the retryable ones (opt-in).",
+        description="Explain failed Slurm jobs, report them, resubmit the retryable ones (opt-in).",
     )
     parser.add_argument("--version", action="version", version=f"slurm-triage {__version__}")
     _add_config(parser)
