@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -16,6 +18,7 @@ from daemon.model import TaskKey
 from daemon.settings import SlurmSettings
 from daemon.slurm import (
     DELIMITER,
+    SACCT_FIELDS,
     SlurmCommandFailed,
     SlurmRunner,
     is_placeholder,
@@ -246,3 +249,138 @@ def test_sacct_field_fallback_end_to_end(fake: FakeSlurm, runner: EnvRunner) -> 
     query_sacct(runner, SETTINGS)
     formats = [next(a for a in argv if a.startswith("--format=")) for argv in fake.calls("sacct")]
     assert ["SubmitLine" in f for f in formats] == [True, False, False]
+
+
+# --------------------------------------------------------------------------- shape vs real 22.05.8
+
+META = FIXTURES / "capture_meta.json"
+needs_capture = pytest.mark.skipif(
+    not META.exists(),
+    reason="no real capture yet: run tests/fixtures/slurm/capture.py on the testbed",
+)
+
+
+def _shape(field: str, value: str) -> str:
+    """A value's form, without its particulars (ids, dates, paths, names differ)."""
+    f = field.lower()
+    if f in {"jobname", "user", "comment", "submitline"}:
+        return "text" if value else "empty"
+    if f == "workdir":
+        return "abs" if value.startswith("/") else value
+    if f in {"jobid", "jobidraw"}:
+        return re.sub(r"\d+", "9", re.sub(r"\[[^\]]*\]", "[R]", value))
+    if f == "state":
+        return re.sub(r"by \d+", "by N", value)
+    if f == "nodelist":
+        return value if value == "None assigned" else "node"
+    if f == "reason":
+        return value
+    return re.sub(r"\d", "9", value)
+
+
+def _shapes(text: str, fields: list[str], delim: str) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {f: set() for f in fields}
+    for line in text.splitlines():
+        cols = line.split(delim)
+        assert len(cols) == len(fields), line
+        for f, v in zip(fields, cols, strict=True):
+            out[f].add(_shape(f, v))
+    return out
+
+
+def _mirror_capture(fake: FakeSlurm, work: Path) -> None:
+    """The capture script's jobs, built in the fake."""
+    for name in ("ok.sh", "fail.sh", "sleep.sh"):
+        (work / name).write_text("#!/bin/bash\n")
+    (work / "array.sh").write_text("#!/bin/bash\n#SBATCH --output=exp_%A_%a.out\n")
+    env = fake.env()
+    run = lambda *a: EnvRunner(fake).run(["sbatch", "--parsable", *a], timeout=10, cwd=work)  # noqa: E731
+    ids = {
+        "ok": run("ok.sh"),
+        "fail": run("fail.sh"),
+        "array": run("--array=0-3", "array.sh"),
+        "tagged": run("--comment=slurm-triage:abc", "--job-name=tagged job", "ok.sh"),
+        "pipe": run("--comment=a|b c", "--wrap=echo a | cat", "ok.sh"),
+        "cancel": run("sleep.sh"),
+        "running": run("--job-name=running", "sleep.sh"),
+        "pending": run("--begin=now+1hour", "ok.sh"),
+        "pending_array": run("--begin=now+1hour", "--array=0-5%2", "ok.sh"),
+    }
+    j = {k: v.stdout.strip() for k, v in ids.items()}
+    assert env
+    fake.finish(j["ok"], total_cpu=0.01)
+    fake.finish(j["fail"], "FAILED", total_cpu=0.05)
+    for t in range(4):
+        fake.finish(f"{j['array']}_{t}", "FAILED" if t % 2 else "COMPLETED", total_cpu=0.05)
+    fake.finish(j["tagged"], total_cpu=0.01)
+    fake.finish(j["pipe"], total_cpu=0.01)
+    fake.start(j["cancel"])
+    fake.start(j["running"])
+    EnvRunner(fake).run(["scancel", j["cancel"]], timeout=10)
+
+
+@needs_capture
+def test_sacct_output_has_the_real_shape(
+    fake: FakeSlurm, runner: EnvRunner, tmp_path: Path
+) -> None:
+    meta = json.loads(META.read_text())
+    fields = list(meta["fields"])
+    assert fields == list(SACCT_FIELDS)
+    real_text = (FIXTURES / "sacct_mixed.txt").read_text()
+    real = _shapes(real_text, fields, DELIMITER)
+    _mirror_capture(fake, tmp_path)
+    fake_text = sacct_text(runner)
+    mine = _shapes(fake_text, fields, DELIMITER)
+    for f in fields:
+        assert mine[f] <= real[f], f"{f}: fake prints {mine[f] - real[f]}, real only {real[f]}"
+    # the states and their wordings are all there (CANCELLED by N, PENDING, RUNNING, ...)
+    assert mine["State"] == real["State"] - {"TIMEOUT"}
+    assert len(parse_sacct(fake_text)) == len(parse_sacct(real_text)) - ("timeout" in meta["jobs"])
+
+
+@needs_capture
+def test_squeue_output_has_the_real_shape(
+    fake: FakeSlurm, runner: EnvRunner, tmp_path: Path
+) -> None:
+    fields = ["%i", "%A", "%T", "%j", "%u", "%k"]
+    real = _shapes((FIXTURES / "squeue_mixed.txt").read_text(), fields, DELIMITER)
+    _mirror_capture(fake, tmp_path)
+    mine = _shapes(runner.run(squeue_argv(SETTINGS), timeout=10).stdout, fields, DELIMITER)
+    # only pending/running jobs are asked for; shapes of ids, states and comments agree
+    assert mine["%i"] == real["%i"]
+    assert mine["%T"] == real["%T"]
+    assert mine["%k"] == real["%k"]
+
+
+@needs_capture
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sacct_invalid_field",
+        "sbatch_invalid_option",
+        "sbatch_missing_script",
+        "squeue_invalid_job",
+        "squeue_invalid_state",
+        "scancel_invalid_job",
+    ],
+)
+def test_error_messages_match_real(
+    name: str, fake: FakeSlurm, runner: EnvRunner, tmp_path: Path
+) -> None:
+    meta = json.loads(META.read_text())[name]
+    real_stderr = (FIXTURES / f"{name}.stderr").read_text()
+    (tmp_path / "ok.sh").write_text("#!/bin/bash\n")
+    with pytest.raises(SlurmCommandFailed) as info:
+        runner.run(meta["argv"], timeout=10, cwd=tmp_path)
+    assert info.value.rc == meta["rc"]
+    assert info.value.stderr == real_stderr
+
+
+@needs_capture
+def test_sbatch_parsable_output_matches_real(
+    fake: FakeSlurm, runner: EnvRunner, tmp_path: Path
+) -> None:
+    (tmp_path / "ok.sh").write_text("#!/bin/bash\n")
+    out = runner.run(["sbatch", "--parsable", "ok.sh"], timeout=10, cwd=tmp_path).stdout
+    real = (FIXTURES / "sbatch_parsable.txt").read_text()
+    assert re.sub(r"\d+", "9", out) == re.sub(r"\d+", "9", real) == "9\n"
