@@ -630,6 +630,13 @@ def query_squeue(
     job_ids: Iterable[str] | None = None,
 ) -> list[SqueueRow]:
     """Active (pending, running, completing, …) jobs and array tasks."""
-    argv = squeue_argv(settings, user=user, job_ids=job_ids)
-    out = runner.run(argv, timeout=settings.timeout_s)
+    ids = list(job_ids) if job_ids is not None else None
+    argv = squeue_argv(settings, user=user, job_ids=ids)
+    try:
+        out = runner.run(argv, timeout=settings.timeout_s)
+    except SlurmCommandFailed as exc:
+        # squeue -j fails when none of the ids is still in slurmctld's memory: none is active
+        if ids and "invalid job id" in exc.stderr.lower():
+            return []
+        raise
     return [r for r in parse_squeue(out.stdout) if r.state in ACTIVE_STATES]

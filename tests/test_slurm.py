@@ -385,6 +385,14 @@ def test_query_squeue_keeps_active_states_only() -> None:
     assert [r.key.job_id for r in rows] == ["1", "3"]
 
 
+def test_query_squeue_unknown_job_ids_mean_none_active() -> None:
+    err = "slurm_load_jobs error: Invalid job id specified\n"
+    runner = ReplayRunner({"squeue": [Reply(rc=1, stderr=err), Reply(rc=1, stderr=err)]})
+    assert query_squeue(runner, SlurmSettings(), job_ids=["999999"]) == []
+    with pytest.raises(SlurmCommandFailed):  # without -j the same message is a real failure
+        query_squeue(runner, SlurmSettings(), user="u")
+
+
 def test_replay_runner_raises_like_the_real_one() -> None:
     runner = ReplayRunner({"sacct": [Reply(timeout=True)], "squeue": [Reply(missing=True)]})
     with pytest.raises(SlurmTimeout):
