@@ -80,7 +80,11 @@ announce() {
 }
 
 # ---------------------------------------------------------------- fast path
-if [[ -f $SLURM_CONF_PATH ]] && all_alive && cluster_answers; then
+# The configs are regenerated (and daemons restarted if they differ) whenever
+# this script or its knobs changed since the last full run.
+STAMP="$(cat "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)-$DB_PORT-$NODE_CPUS"
+if [[ -f $SLURM_CONF_PATH ]] && [[ $(cat "$BASE/start.stamp" 2>/dev/null) == "$STAMP" ]] &&
+    all_alive && cluster_answers; then
     announce
     exit 0
 fi
@@ -268,6 +272,8 @@ Waittime=0
 ReturnToService=2
 MailProg=/bin/true
 MaxArraySize=10001
+# Job ids of 3+ digits, as on real clusters (log-name parsing treats short numbers as names).
+FirstJobId=1000
 $MEMORY_CONF
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
@@ -317,7 +323,8 @@ printf '%s\n' "$MEMORY_MODE" >"$BASE/memory_mode"
 
 if [[ $CONF_CHANGED == 1 ]] && { alive "$PID_SLURMCTLD" slurmctld || alive "$PID_SLURMD" slurmd || alive "$PID_SLURMDBD" slurmdbd; }; then
     log "configuration changed: restarting the Slurm daemons"
-    SLURM_TESTBED_ONLY_SLURM=1 "$HERE/stop.sh"
+    # Running jobs survive a restart of the daemons (state is kept): do not cancel them.
+    SLURM_TESTBED_ONLY_SLURM=1 SLURM_TESTBED_KEEP_JOBS=1 "$HERE/stop.sh"
 fi
 
 # Let every client (sbatch, sacct, the daemon under test) find the config.
@@ -373,4 +380,5 @@ if [[ $state == down* || $state == drain* ]]; then
 fi
 
 wait_for "$START_TIMEOUT" "the node to be idle and sacct to answer" cluster_answers
+printf '%s\n' "$STAMP" >"$BASE/start.stamp"
 announce
