@@ -24,6 +24,7 @@ from typing import Any
 from .errors import InputError
 from .model import ErrorType, Outcome, SacctRow, TaskKey, Verdict, compress_ranges
 from .settings import Settings
+from .submitline import _LONG, _REQUIRED, _SHORT_VALUE, _resolve_long
 
 FIXED_HEAD = ["job_id", "job_name", "array_id", "error_type"]
 FIXED_TAIL = ["config_file", "retryable", "log_file", "evidence"]
@@ -390,6 +391,16 @@ class RerunCommand:
 _ARRAY_OPT = re.compile(r"^(?:--array=(?P<long>.*)|-a(?P<short>.+))$")
 
 
+def _takes_next_word(arg: str) -> bool:
+    """Is ``arg`` an sbatch option whose value is the following word (``--chdir DIR``, ``-J X``)?"""
+    if arg.startswith("--"):
+        if "=" in arg:
+            return False
+        name = _resolve_long(arg[2:])
+        return name is not None and _LONG[name] == _REQUIRED
+    return len(arg) == 2 and arg[0] == "-" and arg[1] in _SHORT_VALUE
+
+
 def strip_array_option(args: Sequence[str]) -> tuple[list[str], str | None]:
     """Remove ``--array=X``/``--array X``/``-a X``/``-aX``; return the rest and any throttle.
 
@@ -409,6 +420,11 @@ def strip_array_option(args: Sequence[str]) -> tuple[list[str], str | None]:
             elif arg in ("--array", "-a") and i + 1 < len(args):
                 spec = args[i + 1]
                 i += 1
+            elif _takes_next_word(arg) and i + 1 < len(args):
+                # ``--chdir DIR``: DIR is the option's value, not the script.
+                out.extend((arg, args[i + 1]))
+                i += 2
+                continue
             elif not arg.startswith("-"):
                 in_options = False  # the script; what follows belongs to it
         if spec is not None:
