@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
 import pytest
-from slurm_it import Submitted, triage
+from slurm_it import Submitted, run, triage
 
 pytestmark = pytest.mark.slurm
 
@@ -98,10 +99,33 @@ def test_analyze_csv_and_rerun_command_cover_retryable_sweep_tasks(
     assert list(rows[0])[:4] == ["job_id", "job_name", "array_id", "error_type"]
     # A re-run command for the sweep covers the retryable tasks 1 and 2 only.
     sweep_cmds = [c for c in data["commands"] if c.get("job_id") == submitted.sweep]
-    assert sweep_cmds, data["commands"]
-    tasks = {str(t) for c in sweep_cmds for t in c["tasks"]}
-    assert {"1", "2"} <= tasks
-    assert not tasks & {"4", "5"}
+    assert len(sweep_cmds) == 1, data["commands"]
+    assert sweep_cmds[0]["array"] == "1-2"
+
+
+def test_rerun_command_resubmits_exactly_the_retryable_tasks(
+    submitted: Submitted, fast_rows: dict[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """The printed command, run as printed (held, so nothing executes), makes tasks 1-2 only."""
+    data = _analyze(submitted, tmp_path)
+    (cmd,) = [c["command"] for c in data["commands"] if c.get("job_id") == submitted.sweep]
+    cwd = None
+    if cmd.startswith("cd "):
+        cd, _, cmd = cmd.partition(" && ")
+        cwd = Path(shlex.split(cd)[1])
+    argv = shlex.split(cmd)
+    assert argv[0] == "sbatch", cmd
+    # sbatch keeps the last --array it is given; a stale one would re-run every task.
+    arrays = [a for a in argv if a.startswith(("--array", "-a"))]
+    assert len(arrays) == 1, f"more than one --array in the re-run command: {cmd}"
+    proc = run([*argv, "--hold", "--parsable"], cwd=cwd)
+    new_id = proc.stdout.strip().split(";")[0]
+    submitted.extra.append(new_id)
+    try:
+        q = run(["squeue", "-h", "-r", "-j", new_id, "-o", "%K"])
+        assert sorted(q.stdout.split()) == ["1", "2"]
+    finally:
+        run(["scancel", new_id], check=False)
 
 
 def test_classify_reads_real_logs(
