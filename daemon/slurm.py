@@ -21,7 +21,7 @@ so later ticks pay for one call only.
 Pending arrays. ``sacct -X`` prints a not-yet-started array range as one row
 ``123_[5-10%2]`` (JobIDRaw = the master id). ``parse_sacct`` expands it into one PENDING
 row per task (``123_5`` …) so callers see per-task keys; the original text is kept in
-``extra["array_pending"]``. Heterogeneous job components (``123+0``) are keyed by their
+``extra["array_group"]``. Heterogeneous job components (``123+0``) are keyed by their
 own numeric JobIDRaw. Step rows (``123.batch``), which appear only without ``-X``, are
 skipped.
 """
@@ -397,6 +397,10 @@ def _split_records(
         )
     if pending is not None:
         raise SlurmParseError(f"{what} line {pending[0]}: truncated row ({_clip(pending[1])})")
+    if records and not text.endswith("\n"):
+        # sacct/squeue end every row with a newline: the last row was cut off (a killed
+        # command, a broken pipe) although it may still show every column
+        raise SlurmParseError(f"{what} line {len(lines)}: truncated row ({_clip(lines[-1])})")
     return records
 
 
@@ -497,7 +501,7 @@ def _sacct_rows(values: dict[str, str], fields: Sequence[str], cols: list[str]) 
         return [dataclasses.replace(base, key=key)]
     pm = _PENDING_ARRAY_RE.match(job_id)
     if pm is not None:
-        pending = {**extra, "array_pending": job_id}
+        pending = {**extra, "array_group": job_id}
         return [
             dataclasses.replace(
                 base, job_id=f"{pm[1]}_{t}", key=TaskKey(pm[1], t), extra=dict(pending)
@@ -542,7 +546,8 @@ def parse_squeue(text: str) -> list[SqueueRow]:
             "state": state,
             "job_name": values["job_name"],
             "user": values["user"].strip(),
-            "comment": values["comment"],
+            # squeue prints an unset comment as "(null)"
+            "comment": "" if values["comment"] == "(null)" else values["comment"],
         }
         m = _JOB_ID_RE.match(job_id)
         if m is not None:

@@ -80,7 +80,7 @@ def test_lifecycle_through_the_real_parsers(fake: FakeSlurm, runner: EnvRunner) 
     assert rows[f"{arr}_2"].state == "TIMEOUT"
     # started tasks got their own raw ids; unstarted ones are still the grouped row
     assert rows[f"{arr}_1"].job_id_raw not in {arr, rows[f"{arr}_2"].job_id_raw}
-    assert rows[f"{arr}_0"].extra["array_pending"] == f"{arr}_[0,3]"
+    assert rows[f"{arr}_0"].extra["array_group"] == f"{arr}_[0,3]"
     assert rows[single].state == "RUNNING" and rows[single].end is None
     assert rows[f"{arr}_1"].comment == "slurm-triage:abc"
 
@@ -174,10 +174,10 @@ def test_sbatch_begin_is_pending_with_reason(
 def test_sbatch_errors_like_real(fake: FakeSlurm, runner: EnvRunner, tmp_path: Path) -> None:
     with pytest.raises(SlurmCommandFailed) as info:
         runner.run(["sbatch", "--bogus-option", "x.sh"], timeout=10, cwd=tmp_path)
-    assert info.value.rc == 1
+    assert info.value.rc == 255
     with pytest.raises(SlurmCommandFailed, match="Unable to open file"):
         runner.run(["sbatch", "--parsable", "missing.sh"], timeout=10, cwd=tmp_path)
-    assert [s["rc"] for s in fake.submissions()] == [1, 1]
+    assert [s["rc"] for s in fake.submissions()] == [255, 1]
     assert fake.jobs() == []
 
 
@@ -188,8 +188,9 @@ def test_scancel(fake: FakeSlurm, runner: EnvRunner) -> None:
     (row,) = query_sacct(runner, SETTINGS)
     assert row.state == "CANCELLED"
     assert row.state_raw == f"CANCELLED by {os.getuid()}"
-    with pytest.raises(SlurmCommandFailed, match="Invalid job id"):
-        runner.run(["scancel", "424242"], timeout=10)
+    # real 22.05.8 scancel is silent and exits 0 for an unknown job id
+    out = runner.run(["scancel", "424242"], timeout=10)
+    assert (out.rc, out.stdout, out.stderr) == (0, "", "")
 
 
 # --------------------------------------------------------------------------- faults
@@ -267,7 +268,7 @@ def _shape(field: str, value: str) -> str:
         return "text" if value else "empty"
     if f == "workdir":
         return "abs" if value.startswith("/") else value
-    if f in {"jobid", "jobidraw"}:
+    if f in {"jobid", "jobidraw", "%i", "%a"}:
         return re.sub(r"\d+", "9", re.sub(r"\[[^\]]*\]", "[R]", value))
     if f == "state":
         return re.sub(r"by \d+", "by N", value)
@@ -308,12 +309,12 @@ def _mirror_capture(fake: FakeSlurm, work: Path) -> None:
     }
     j = {k: v.stdout.strip() for k, v in ids.items()}
     assert env
-    fake.finish(j["ok"], total_cpu=0.01)
-    fake.finish(j["fail"], "FAILED", total_cpu=0.05)
+    fake.finish(j["ok"], total_cpu=0.0)
+    fake.finish(j["fail"], "FAILED", total_cpu=0.0)
     for t in range(4):
-        fake.finish(f"{j['array']}_{t}", "FAILED" if t % 2 else "COMPLETED", total_cpu=0.05)
-    fake.finish(j["tagged"], total_cpu=0.01)
-    fake.finish(j["pipe"], total_cpu=0.01)
+        fake.finish(f"{j['array']}_{t}", "FAILED" if t % 2 else "COMPLETED", total_cpu=0.0)
+    fake.finish(j["tagged"], total_cpu=0.0)
+    fake.finish(j["pipe"], total_cpu=0.0)
     fake.start(j["cancel"])
     fake.start(j["running"])
     EnvRunner(fake).run(["scancel", j["cancel"]], timeout=10)
@@ -333,9 +334,10 @@ def test_sacct_output_has_the_real_shape(
     mine = _shapes(fake_text, fields, DELIMITER)
     for f in fields:
         assert mine[f] <= real[f], f"{f}: fake prints {mine[f] - real[f]}, real only {real[f]}"
-    # the states and their wordings are all there (CANCELLED by N, PENDING, RUNNING, ...)
-    assert mine["State"] == real["State"] - {"TIMEOUT"}
-    assert len(parse_sacct(fake_text)) == len(parse_sacct(real_text)) - ("timeout" in meta["jobs"])
+    # the capture also holds other tests' jobs (OOM, TIMEOUT, "CANCELLED" without "by");
+    # the wordings the mirrored jobs produce must all be there
+    assert {"COMPLETED", "FAILED", "RUNNING", "CANCELLED by N"} <= mine["State"]
+    assert mine["Comment"] == {"text", "empty"}
 
 
 @needs_capture
@@ -370,6 +372,10 @@ def test_error_messages_match_real(
     meta = json.loads(META.read_text())[name]
     real_stderr = (FIXTURES / f"{name}.stderr").read_text()
     (tmp_path / "ok.sh").write_text("#!/bin/bash\n")
+    if meta["rc"] == 0:  # scancel of an unknown id: silent success in 22.05.8
+        out = runner.run(meta["argv"], timeout=10, cwd=tmp_path)
+        assert (out.stdout, out.stderr) == (meta["stdout"], real_stderr)
+        return
     with pytest.raises(SlurmCommandFailed) as info:
         runner.run(meta["argv"], timeout=10, cwd=tmp_path)
     assert info.value.rc == meta["rc"]

@@ -274,7 +274,7 @@ def test_parse_sacct_pending_array_row_expands_per_task() -> None:
     text = row_text({"JobID": "7_[2-4,9%2]", "JobIDRaw": "7", "State": "PENDING"})
     rows = parse_sacct(text)
     assert [r.key for r in rows] == [TaskKey("7", t) for t in (2, 3, 4, 9)]
-    assert all(r.extra["array_pending"] == "7_[2-4,9%2]" for r in rows)
+    assert all(r.extra["array_group"] == "7_[2-4,9%2]" for r in rows)
     assert all(r.job_id_raw == "7" for r in rows)
 
 
@@ -330,6 +330,7 @@ def test_parse_squeue_rows_and_comment() -> None:
         "slurm-triage:abc",
     )
     assert rows[1].job_name == "a|b"
+    assert rows[1].comment == ""
 
 
 def test_parse_squeue_grouped_pending_array() -> None:

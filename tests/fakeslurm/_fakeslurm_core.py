@@ -85,6 +85,11 @@ SQUEUE_STATES = {
     "DEADLINE": "DL",
     "OUT_OF_MEMORY": "OOM",
 }
+VALID_LIST = (
+    "PENDING,RUNNING,SUSPENDED,COMPLETED,CANCELLED,FAILED,TIMEOUT,NODE_FAIL,PREEMPTED,"
+    "BOOT_FAIL,DEADLINE,OUT_OF_MEMORY,COMPLETING,CONFIGURING,RESIZING,RESV_DEL_HOLD,"
+    "REQUEUED,REQUEUE_FED,REQUEUE_HOLD,REVOKED,SIGNALING,SPECIAL_EXIT,STAGE_OUT,STOPPED"
+).split(",")
 # squeue with no --states shows these (as real squeue does)
 SQUEUE_DEFAULT = {"PENDING", "RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING"}
 
@@ -162,11 +167,14 @@ def fmt_duration(seconds: float) -> str:
 
 
 def fmt_total_cpu(seconds: float) -> str:
-    # sacct prints MM:SS.mmm below an hour, HH:MM:SS above, D-HH:MM:SS past a day
-    if seconds < 3600:
-        m, sec = divmod(seconds, 60)
-        return f"{int(m):02d}:{sec:06.3f}"
-    return fmt_duration(seconds)
+    # sacct's _elapsed_time(): D-HH:MM:SS, HH:MM:SS, MM:SS.mmm when there are
+    # sub-seconds, else 00:MM:SS (so zero is "00:00:00", as real rows show)
+    if seconds >= 3600:
+        return fmt_duration(seconds)
+    whole = int(seconds)
+    msec = round((seconds - whole) * 1000)
+    m, sec = divmod(whole, 60)
+    return f"{m:02d}:{sec:02d}.{msec:03d}" if msec else f"00:{m:02d}:{sec:02d}"
 
 
 def fmt_limit(minutes: int | None) -> str:
@@ -204,7 +212,7 @@ def expand(spec: str) -> list[int]:
 
 def parse_when(text: str, now: float) -> float:
     text = text.strip()
-    m = re.fullmatch(r"now(?:([+-])(\d+)(seconds|minutes|hours|days|s|m|h|d)?)?", text)
+    m = re.fullmatch(r"now(?:([+-])(\d+)(seconds?|minutes?|hours?|days?|s|m|h|d)?)?", text)
     if m:
         if not m[1]:
             return now
@@ -270,6 +278,8 @@ def sacct_value(job: dict[str, Any], field: str, state: dict[str, Any], raw_id: 
     if f == "eligible":
         return fmt_time(job.get("begin") or job["submit"])
     if f == "start":
+        if job.get("start") is None and job["state"] == "CANCELLED":
+            return "None"  # cancelled before it ever started
         return fmt_time(job.get("start"))
     if f == "end":
         return fmt_time(job.get("end"))
@@ -278,9 +288,13 @@ def sacct_value(job: dict[str, Any], field: str, state: dict[str, Any], raw_id: 
     if f == "totalcpu":
         return fmt_total_cpu(float(job.get("total_cpu") or 0.0))
     if f == "timelimit":
+        if ph:
+            return ""
+        if job.get("timelimit_min") is None and job["state"] == "PENDING":
+            return "Partition_Limit"
         return fmt_limit(job.get("timelimit_min"))
     if f == "alloccpus":
-        return "0" if job.get("start") is None else str(job.get("cpus", 1))
+        return str(job.get("cpus", 1))
     if f == "nodelist":
         return "None assigned" if job.get("start") is None else state["node"]
     if f == "reason":
@@ -440,7 +454,7 @@ def cmd_sacct(argv: list[str]) -> Outcome:
         rejected = {r.lower() for r in state.get("rejected_fields", [])}
         for f in fields:
             if f.lower() not in SACCT_KNOWN or f.lower() in rejected:
-                return finish_output(1, "", f'sacct: fatal: Invalid field requested: "{f}"\n', 0)
+                return finish_output(1, "", f'sacct: error: Invalid field requested: "{f}"\n', 0)
         now = now_of(state)
         try:
             wanted = set(filter(None, opts.get("jobs", "").split(",")))
@@ -481,21 +495,27 @@ def visible_sacct_jobs(
     all_users: bool,
 ) -> list[tuple[dict[str, Any], str]]:
     shown: list[tuple[dict[str, Any], str]] = []
-    groups: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for job in state["jobs"]:
         if not all_users and job["user"] not in users:
             continue
         if not ids_match(job, wanted):
             continue
-        if job["submit"] > end:
+        # like sacct: a window only shows jobs eligible in it (a held or future --begin
+        # job is not); -j without -S shows them anyway (start defaults to the epoch)
+        eligible = None if job.get("held") else max(job["submit"], job.get("begin") or 0)
+        if not (wanted and start == 0.0):
+            if eligible is None or eligible > end:
+                continue
+        elif job["submit"] > end:
             continue
         if job.get("end") is not None and job["end"] < start:
             continue
         if unsplit(job):
-            groups.setdefault(str(job["array_job_id"]), []).append(job)
+            groups.setdefault((str(job["array_job_id"]), job["state"]), []).append(job)
             continue
         shown.append((job, str(job["job_id"])))
-    for master, tasks in groups.items():
+    for (master, _state), tasks in groups.items():
         # sacct -X prints the not-yet-started part of an array as one row: 12_[3-5]
         group = dict(tasks[0], _group=f"{master}_[{compress([t['array_task'] for t in tasks])}]")
         shown.append((group, master))
@@ -593,7 +613,11 @@ def cmd_squeue(argv: list[str]) -> Outcome:
             elif s in SQUEUE_STATES.values():
                 wanted_states.add(next(k for k, v in SQUEUE_STATES.items() if v == s))
             else:
-                return finish_output(1, "", f"squeue: error: Invalid job state specified: {s}\n", 0)
+                msg = (
+                    f"squeue: error: Invalid job state specified: {s}\n"
+                    "squeue: error: Valid job states include: " + ",".join(VALID_LIST) + "\n\n"
+                )
+                return finish_output(1, "", msg, 0)
         wanted_states = wanted_states or SQUEUE_DEFAULT
         wanted = set(filter(None, opts.get("jobs", "").split(",")))
         now = now_of(state)
@@ -663,6 +687,7 @@ SBATCH_VALUE = {
     "--mail-type": "mail_type",
 }
 SBATCH_FLAGS = {"--parsable": "parsable", "--hold": "hold", "-H": "hold", "--requeue": "requeue"}
+SBATCH_VALUE["--wrap"] = "wrap"
 
 
 def parse_minutes(text: str) -> int:
@@ -724,19 +749,24 @@ def cmd_sbatch(argv: list[str]) -> Outcome:
             return finish_output(rc, out, err, delay)
         opts, rest, bad = split_opts(argv, SBATCH_VALUE, SBATCH_FLAGS, stop_at_positional=True)
         if bad is not None:
-            record["rc"] = 1
+            record["rc"] = 255  # getopt failure: sbatch exits 255 (real 22.05.8)
             msg = (
                 f"sbatch: unrecognized option '{bad}'\nTry \"sbatch --help\" for more information\n"
             )
-            return finish_output(1, "", msg, delay)
-        if not rest:
+            return finish_output(255, "", msg, delay)
+        if "wrap" in opts:
+            script = Path(cwd, "wrap")
+            dir_opts: dict[str, str] = {}
+        elif not rest:
             record["rc"] = 1
             return finish_output(1, "", "sbatch: error: Batch job submission failed: \n", delay)
-        script = Path(cwd, rest[0])
-        if not script.is_file():
-            record["rc"] = 1
-            return finish_output(1, "", f"sbatch: error: Unable to open file {rest[0]}\n", delay)
-        dir_opts, _, _ = split_opts(script_directives(script), SBATCH_VALUE, SBATCH_FLAGS)
+        else:
+            script = Path(cwd, rest[0])
+            if not script.is_file():
+                record["rc"] = 1
+                msg = f"sbatch: error: Unable to open file {rest[0]}\n"
+                return finish_output(1, "", msg, delay)
+            dir_opts, _, _ = split_opts(script_directives(script), SBATCH_VALUE, SBATCH_FLAGS)
         merged = {**dir_opts, **opts}  # the command line wins over #SBATCH lines
         now = now_of(state)
         try:
@@ -763,7 +793,12 @@ def cmd_sbatch(argv: list[str]) -> Outcome:
             "work_dir": work_dir,
             "submit_line": " ".join(["sbatch", *argv]),
             "comment": merged.get("comment", ""),
-            "reason": "BeginTime" if begin is not None and begin > now else "None",
+            "held": "hold" in merged,
+            "reason": "JobHeldUser"
+            if "hold" in merged
+            else "BeginTime"
+            if begin is not None and begin > now
+            else "None",
             "output": merged.get("output", "slurm-%A_%a.out" if tasks else "slurm-%j.out"),
             "error": merged.get("error", merged.get("output", "")),
             "script": str(script),
@@ -799,8 +834,9 @@ def cmd_scancel(argv: list[str]) -> Outcome:
                     hit = True
                     if job["state"] not in FINISHED:
                         cancel(state, job)
-            if not hit:
+            if not hit and not re.fullmatch(r"\d+(?:_\d+)?", wanted):
                 errors.append(f"scancel: error: Invalid job id {wanted}\n")
+            # an unknown numeric id: real 22.05.8 scancel prints nothing and exits 0
         return finish_output(1 if errors else 0, "", "".join(errors), delay)
 
 
@@ -821,13 +857,12 @@ def split_off(state: dict[str, Any], job: dict[str, Any]) -> None:
 
 def cancel(state: dict[str, Any], job: dict[str, Any]) -> None:
     now = now_of(state)
-    split_off(state, job)
+    if job.get("start") is not None:
+        split_off(state, job)  # a pending array task cancelled stays in the group row
     job["state"] = "CANCELLED"
     job["cancelled_by"] = state["uid"]
     job["exit_code"] = "0:0"
     job["end"] = now
-    if job.get("start") is None:
-        job["start"] = now if False else None
     job["reason"] = "None"
 
 
