@@ -558,3 +558,55 @@ def test_real_squeue() -> None:
 def test_real_sbatch_parsable() -> None:
     assert parse_sbatch_parsable(fixture("sbatch_parsable.txt")) == "15"
     assert parse_sbatch_parsable(fixture("sbatch_parsable_array.txt")) == "16"
+
+
+# --------------------------------------------------------------------------- real cluster
+
+
+def _testbed_env() -> dict[str, str] | None:
+    status = Path(__file__).parent / "testbed" / "status.sh"
+    if not status.exists():
+        return None
+    try:
+        out = SlurmRunner().run(["bash", str(status)], timeout=30)
+    except SlurmError:
+        return None
+    env = dict(os.environ)
+    for line in out.stdout.splitlines():
+        if line.startswith("export SLURM_CONF="):
+            env["SLURM_CONF"] = line.split("=", 1)[1]
+    return env
+
+
+class _EnvRunner(SlurmRunner):
+    def __init__(self, env: dict[str, str]) -> None:
+        self._env = env
+
+    def run(self, argv, *, timeout, cwd=None, env=None):  # type: ignore[no-untyped-def]
+        return super().run(argv, timeout=timeout, cwd=cwd, env=env or self._env)
+
+
+@pytest.mark.slurm
+def test_real_cluster_submit_and_query(tmp_path: Path) -> None:
+    env = _testbed_env()
+    if env is None:
+        pytest.skip("no Slurm test cluster reachable (start it with tests/testbed/start.sh)")
+    runner = _EnvRunner(env)
+    (tmp_path / "t.sh").write_text("#!/bin/bash\nexit 3\n")
+    out = runner.run(
+        ["sbatch", "--parsable", "--comment=slurm-triage:it", "--array=0-1", "t.sh"],
+        timeout=30,
+        cwd=tmp_path,
+    )
+    job = parse_sbatch_parsable(out.stdout)
+    settings = SlurmSettings()
+    for _ in range(300):  # the rows settle within seconds on the testbed
+        rows = query_sacct(runner, settings, user=None, job_ids=[job])
+        if len(rows) == 2 and all(r.finished and not is_placeholder(r) for r in rows):
+            break
+        time.sleep(0.1)
+    assert sorted(str(r.key) for r in rows) == [f"{job}_0", f"{job}_1"]
+    assert {(r.state, r.exit_code) for r in rows} == {("FAILED", 3)}
+    assert {r.comment for r in rows} == {"slurm-triage:it"}
+    assert all(r.work_dir == str(tmp_path) for r in rows)
+    assert not [r for r in query_squeue(runner, settings, user=None) if r.key.job_id == job]
