@@ -58,7 +58,9 @@ alive() {
     pid=$(tr -dc '0-9' <"$pidfile")
     [[ -n $pid ]] || return 1
     comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
-    [[ $comm == "$name"* ]]
+    [[ $comm == "$name"* ]] || return 1
+    # A zombie (dead, not yet reaped by PID 1) is not a running daemon.
+    [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]
 }
 
 cluster_answers() {
