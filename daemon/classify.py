@@ -66,6 +66,7 @@ so long lines cannot cause catastrophic backtracking.
 from __future__ import annotations
 
 import base64
+import importlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -133,11 +134,12 @@ class Signature:
 
 def _status(codes: str) -> str:
     """A regex for HTTP status ``codes`` (alternation) in a status context only."""
-    c = rf"(?:{codes})(?![\d.])"
+    # no lookarounds: the same text must compile for RE2 (its Set pre-selects signatures)
+    c = rf"(?:{codes})(?:\.?[^\d.]|\.?$)"
     return (
         rf"\b(?i:error[ _]?code|status[ _]?code|http[ _]?(?:status|error|code)?|status"
         rf"|code|response[ _]?code|statuscode)[\"']?[ ]?[:=]?[ ]{{0,2}}[\"'(\[]?{c}"
-        rf"|(?<![\w.]){c}[ ,:-]{{1,3}}(?:message=)?['\"]?(?i:too many requests|bad gateway"
+        rf"|(?:^|[^\w.]){c}[ ,:-]{{0,3}}(?:message=)?['\"]?(?i:too many requests|bad gateway"
         rf"|service unavailable|gateway time-?out|internal server error|payment required"
         rf"|client error|server error|resource_exhausted|unavailable|deadline exceeded"
         rf"|overloaded|quota|rate limit)"
@@ -383,24 +385,39 @@ _SLURM_LINE = re.compile(
 # One search over each chunk: a line without any of these is never looked at again.
 # Must cover every built-in signature, record and structure marker below.
 _PREFILTER_WORDS = (
-    rb"Traceback|Error|ERROR|error|Exception|exception|EXCEPTION|FATAL|Fatal|fatal"
+    rb"Traceback|Error|ERR|error|Exception|exception|EXCEPTION|FATAL|Fatal|fatal|SEVERE"
     rb"|CRITICAL|Critical|slurmstepd|srun: |salloc: |sbatch: |\*\*\* |slurm_script"
     rb"|Killed|killed|KILLED|[Qq]uota|QUOTA|[Cc]redit|[Bb]illing|[Pp]ayment|PAYMENT"
-    rb"|[Ii]nsufficient|INSUFFICIENT|[Ff]unds|(?<![\d.])(?:4(?:0[0-4]|22|29)|5(?:0[0-4]|2\d|30|99))"
-    rb"(?![\d.])|[Tt]oo [Mm]any|TOO_MANY|[Rr]ate[ _-]?[Ll]imit|RATE_LIMIT|[Oo]verloaded"
-    rb"|OVERLOADED|EXHAUSTED|Exhausted|UNAVAILABLE|[Uu]navailable|DEADLINE|Deadline"
-    rb"|[Tt]imeout|TIMEOUT|[Tt]imed out|[Cc]onnection|[Nn]etwork|refused|reset by peer"
-    rb"|Gateway|[Dd]isconnected|[Ee]mpty|EMPTY|JSON|Expecting|Unterminated|Extra data"
-    rb"|[Pp]arse|OOM|oom|[Oo]ut of memory|OutOfMemory|[Mm]emory limit|Memory|memory"
-    rb"|CUBLAS|CUDNN|CUDA|NCCL|nccl|Xid|ECC|NODE_FAIL|[Nn]ode failure|PREEMPT|[Tt]hrottl"
-    rb"|command not found|No such file|Segmentation fault|core dumped|Illegal instruction"
-    rb"|During handling|The above exception|KeyboardInterrupt|[Ss]ervice not known"
-    rb"|name resolution|[Nn]o route|EOF|eof|bad_alloc|[Aa]llocate|[Cc]ontent|[Cc]hoices"
-    rb"|[Cc]andidates|none were returned|StopIteration|SystemExit|api[ _]key|API key"
-    rb"|InvalidArgument|Interrupt|[Ss]uspended|good standing|[Ee]xceeded|EXCEEDED|Failure"
-    rb"|ERR|SEVERE|(?m:^[EF]\d{4} \d\d:)|[Ss]pend|[Uu]sage limit|fallen off|device handle"
-    rb"|GPU is lost|[Jj]son_invalid|[Ii]nvalid json|valid json|[Nn]o completion"
+    rb"|[Ii]nsufficient|INSUFFICIENT|[Ff]unds|(?i:code|status|http|response)"
+    rb"[\"' :=\[/\d.(]{0,12}(?:4(?:0[0-4]|22|29)|5(?:0[0-4]|2\d|30|99))|[Ii]nternal [Ss]erver"
+    rb"|(?i:deadline exceeded)|[Tt]oo [Mm]any|TOO_MANY|[Rr]ate[ _-]?[Ll]imit|RATE_LIMIT"
+    rb"|[Oo]verloaded|OVERLOADED|EXHAUSTED|Exhausted|UNAVAILABLE|[Uu]navailable|DEADLINE"
+    rb"|Deadline|[Tt]imeout|TIMEOUT|[Tt]imed out|[Cc]onnection|[Nn]etwork|refused"
+    rb"|reset by peer|Gateway|[Dd]isconnected|[Ee]mpty|EMPTY|JSON|Expecting|Unterminated"
+    rb"|Extra data|to parse|to decode|not parse|not decode|OOM|oom|[Oo]ut of memory"
+    rb"|OutOfMemory|[Mm]emory limit|allocate memory|host memory|CUBLAS|CUDNN|CUDA|NCCL"
+    rb"|nccl|Xid|ECC|NODE_FAIL|[Nn]ode failure|PREEMPT|[Tt]hrottl|command not found"
+    rb"|No such file|Segmentation fault|core dumped|Illegal instruction|During handling"
+    rb"|The above exception|KeyboardInterrupt|[Ss]ervice not known|name resolution"
+    rb"|[Nn]o route|EOF|eof|bad_alloc|[Aa]llocate|[Nn]o content|content (?:string )?is"
+    rb"|[Nn]o (?:choices|candidates|completion)|none were returned|StopIteration|SystemExit"
+    rb"|api[ _]key|API key|InvalidArgument|Interrupt|[Ss]uspended|good standing"
+    rb"|[Ee]xceeded|EXCEEDED|Failure|(?m:^[EF]\d{4} \d\d:)|[Ss]pend|[Uu]sage limit"
+    rb"|fallen off|device handle|GPU is lost|[Jj]son_invalid|[Ii]nvalid json|valid json"
 )
+
+
+def _compile_prefilter(pattern: bytes) -> Any:
+    """RE2 (a DFA: hundreds of MB/s over a chunk) when installed and able; else ``re``."""
+    try:
+        re2 = importlib.import_module("re2")
+    except ImportError:
+        return re.compile(pattern)
+    try:
+        return re2.compile(pattern)
+    except Exception:  # a user pattern RE2 cannot express (lookbehind, ...)
+        return re.compile(pattern)
+
 
 _TB_HEADER = re.compile(r"(?:Exception Group )?Traceback \(most recent call last\):")
 _CHAIN = re.compile(
@@ -419,8 +436,8 @@ _GLOG = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d\d")
 _PY_WARNING = re.compile(
     r"^\S{1,300}:\d+: \w{0,40}Warning: |^\s*warnings\.warn\(|^\w{0,40}Warning: "
 )
-_RETRY_NOTICE = re.compile(
-    r"(?i)\bretrying\b|\bwill (?:be )?retr(?:y|ied)\b|\bretry(?:ing)? (?:in|after) [\d.]+"
+_RETRY_NOTICE = re.compile(  # matched against the lower-cased line (fast path in re)
+    r"\bretrying\b|\bwill (?:be )?retr(?:y|ied)\b|\bretry(?:ing)? (?:in|after) [\d.]+"
     r"|\bretry loop\b|\bbacking off\b|\bsleeping (?:for )?[\d.]+|\bretries left\b"
     r"|\bwill try again\b"
 )
@@ -434,24 +451,40 @@ _EXC_CLASS = re.compile(r"^\s*((?:[A-Za-z_]\w*\.){0,10}[A-Za-z_]\w*)(?:\[.{0,200
 _FRAME = re.compile(r"^(?:\s|\^|~|\[Previous line repeated|\.\.\.$|\+-|\+-+|\|\s*$)")
 
 
-def _is_informational(text: str) -> bool:
+_LEVEL_WORDS = (
+    "DEBUG",
+    "INFO",
+    "NOTICE",
+    "WARN",
+    "TRACE",
+    "ERR",
+    "FATAL",
+    "CRITICAL",
+    "SEVERE",
+    "EXCEPTION",
+)
+
+
+def _level(text: str) -> str | None:
+    """The log level of a line, if it has one near its start (cheap substring gate first)."""
     head = text[:120]
-    g = _GLOG.match(head)
-    if g is not None:
-        return g.group(1) in "IW"
+    if head[:1] in ("I", "W", "E", "F") and head[1:5].isdigit():
+        g = _GLOG.match(head)
+        if g is not None:
+            return {"I": "INFO", "W": "WARNING", "E": "ERROR", "F": "FATAL"}[g.group(1)]
+    if not any(w in head for w in _LEVEL_WORDS):
+        return None
     m = _LEVEL.search(head)
-    if m is not None:
-        return m.group(1) not in {"ERROR", "ERR", "FATAL", "CRITICAL", "SEVERE", "EXCEPTION"}
-    return False
+    return m.group(1) if m is not None else None
+
+
+def _is_informational(text: str) -> bool:
+    level = _level(text)
+    return level is not None and level in {"DEBUG", "INFO", "NOTICE", "WARNING", "WARN", "TRACE"}
 
 
 def _is_error_level(text: str) -> bool:
-    head = text[:120]
-    g = _GLOG.match(head)
-    if g is not None:
-        return g.group(1) in "EF"
-    m = _LEVEL.search(head)
-    return m is not None and m.group(1) in {"ERROR", "ERR", "FATAL", "CRITICAL", "SEVERE"}
+    return _level(text) in {"ERROR", "ERR", "FATAL", "CRITICAL", "SEVERE"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,12 +494,23 @@ class SignatureTable:
     signatures: tuple[Signature, ...]
     slurm: tuple[Signature, ...]
     success_markers: tuple[str, ...]
-    prefilter: re.Pattern[bytes] = field(repr=False)
+    prefilter: Any = field(repr=False)  # compiled bytes regex: .search(buf, pos, end)
+    # RE2 Set over ``signatures`` (None without RE2): one pass names the candidates, so the
+    # slow backtracking engine only runs on the few signatures that can match
+    preselect: Any = field(default=None, repr=False)
+    always: frozenset[int] = frozenset()  # signatures RE2 could not take: always tried
 
     def match(self, text: str, *, final: bool) -> tuple[Signature, re.Match[str]] | None:
         """First signature matching ``text``; ``final`` admits final_error signatures."""
         text = text[:MATCH_CHARS]
-        for sig in self.signatures:
+        order: Iterable[int]
+        if self.preselect is not None:
+            hits = self.preselect.Match(text) or []
+            order = sorted(self.always.union(hits))
+        else:
+            order = range(len(self.signatures))
+        for i in order:
+            sig = self.signatures[i]
             if sig.where == "slurm" or (sig.where == "final_error" and not final):
                 continue
             m = sig.match(text)
@@ -483,8 +527,8 @@ class SignatureTable:
         return None
 
     def success(self, text: str) -> bool:
-        folded = text.casefold()
-        return any(marker in folded for marker in self.success_markers)
+        low = text.lower()
+        return any(marker in low for marker in self.success_markers)
 
 
 def build_table(settings: ClassifySettings) -> SignatureTable:
@@ -512,18 +556,58 @@ def build_table(settings: ClassifySettings) -> SignatureTable:
     slurm = [
         Signature(name, typ, re.compile(rx), "slurm", None, prio) for name, typ, rx, prio in _SLURM
     ]
-    markers = tuple(m.casefold() for m in settings.success_markers if m.strip())
+    markers = tuple(m.lower() for m in settings.success_markers if m.strip())
     words = [_PREFILTER_WORDS, *extra_prefilter]
     words += [
         b"(?i:" + re.escape(m.encode("utf-8")) + b")" for m in settings.success_markers if m.strip()
     ]
-    prefilter = re.compile(b"|".join(words))
+    prefilter = _compile_prefilter(b"|".join(words))
+    signatures = tuple(user_any + builtin)
+    preselect, always = _compile_preselect(signatures)
     return SignatureTable(
-        signatures=tuple(user_any + builtin),
+        signatures=signatures,
         slurm=tuple(user_slurm + slurm),
         success_markers=markers,
         prefilter=prefilter,
+        preselect=preselect,
+        always=always,
     )
+
+
+def _compile_preselect(signatures: Sequence[Signature]) -> tuple[Any, frozenset[int]]:
+    try:
+        re2 = importlib.import_module("re2")
+    except ImportError:
+        return None, frozenset()
+    rset = re2.Set.SearchSet()
+    always: set[int] = set()
+    for i, sig in enumerate(signatures):
+        pattern = sig.regex.pattern
+        if sig.regex.flags & re.IGNORECASE:
+            pattern = "(?i)" + pattern
+        try:
+            index = rset.Add(pattern)
+        except Exception:  # RE2 cannot express it (lookbehind, backreference): try always
+            always.add(i)
+            continue
+        if index != i - len(always):
+            raise AssertionError("RE2 set indices out of step")  # pragma: no cover
+    if len(always) == len(signatures):
+        return None, frozenset()
+    rset.Compile()
+    # map RE2 set indices back to signature indices
+    in_set = [i for i in range(len(signatures)) if i not in always]
+    return _IndexedSet(rset, in_set), frozenset(always)
+
+
+class _IndexedSet:
+    def __init__(self, rset: Any, indices: list[int]) -> None:
+        self._rset = rset
+        self._indices = indices
+
+    def Match(self, text: str) -> list[int]:  # mirrors RE2 Set API
+        found = self._rset.Match(text)
+        return [self._indices[i] for i in found] if found else []
 
 
 def _bytes_pattern(pattern: str, ignore_case: bool) -> bytes:
@@ -786,18 +870,26 @@ class LogScanner:
             self._mode = _SCAN
 
     def _scan(self, text: str, line_no: int) -> None:
-        header = _TB_HEADER.search(text)
+        # substring gates before each regex: this runs for every prefilter hit
+        header = _TB_HEADER.search(text) if "Traceback" in text else None
         if header is not None:
             self._start_traceback(text, header, line_no)
             return
-        if _CHAIN.search(text):
+        if "above exception" in text and _CHAIN.search(text):
             if self._cur_kind == "traceback" and self._cur and line_no - self._cur[-1].line_no <= 3:
                 self._chain_line = line_no
             return
-        if _IGNORED_TB.search(text):
+        if ("gnored" in text or "retrieved" in text or "Unclosed" in text or "atexit" in text) and (
+            _IGNORED_TB.search(text)
+        ):
             self._ignore_line = line_no
             return
-        if _SLURM_LINE.search(text):
+        if (
+            "slurm" in text
+            or "*** " in text
+            or "Killed" in text
+            or text.startswith(("srun: ", "salloc: ", "sbatch: "))
+        ) and _SLURM_LINE.search(text):
             found = self.table.match_slurm(text)
             if found is not None:
                 sig, m = found
@@ -806,7 +898,10 @@ class LogScanner:
                         line_no, _excerpt(text, m), sig.type, sig.name, "slurm", sig.priority
                     )
                 return
-            # other lines from the batch shell ("python: command not found") go on below
+            # srun/slurmstepd chatter ("task 0: Exited with exit code 1") says nothing of
+            # the cause; the batch shell's own errors ("python: command not found") do
+            if "slurm_script: line" not in text:
+                return
         if self.table.success(text):
             if self._success is None:
                 self._success = Hit(line_no, _excerpt(text), None, "success", "success")
@@ -815,7 +910,7 @@ class LogScanner:
             _is_informational(text)
             or _PY_WARNING.search(text[:400])
             or text.startswith("wandb:")
-            or _RETRY_NOTICE.search(text[:MATCH_CHARS])
+            or _RETRY_NOTICE.search(text[:MATCH_CHARS].lower())
         ):
             return
         record = _is_error_level(text) or _ERRORISH.search(text[:2000]) is not None
