@@ -139,7 +139,7 @@ def generate(root: Path, tasks: int, big: int, big_mb: int, gb: bool, seed: int 
 
 
 def _tree_rss_kb(pid: int) -> int:
-    """RSS of pid and all its descendants, from /proc (kB)."""
+    """Proportional set size of pid and all its descendants, from /proc (kB)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -155,9 +155,10 @@ def _tree_rss_kb(pid: int) -> int:
     while stack:
         p = stack.pop()
         try:
-            with open(f"/proc/{p}/status", "rb") as fh:
+            # PSS, not RSS: forked workers share the parent's pages, which RSS counts twice.
+            with open(f"/proc/{p}/smaps_rollup", "rb") as fh:
                 for line in fh:
-                    if line.startswith(b"VmRSS:"):
+                    if line.startswith(b"Pss:"):
                         total += int(line.split()[1])
                         break
         except OSError:
@@ -170,7 +171,8 @@ def measure(argv: list[str]) -> tuple[float, int, int, int]:
     """(seconds, peak tree RSS kB, largest single-process max RSS kB, rc)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Not DEVNULL: GNU grep stops at the first match when its output is /dev/null.
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     peak = 0
     done = threading.Event()
 
@@ -182,7 +184,7 @@ def measure(argv: list[str]) -> tuple[float, int, int, int]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, err = proc.communicate(timeout=3600)
+    _out, err = proc.communicate(timeout=3600)
     elapsed = time.perf_counter() - start
     done.set()
     sampler.join()
@@ -238,7 +240,7 @@ def main() -> int:
         }
         # One untimed pass so both read from a warm page cache.
         measure(runs["grep -E -i -c (seed patterns)"])
-        print(f"{'command':<34}{'wall s':>9}{'peak RSS (tree) MB':>21}{'max RSS/proc MB':>18}")
+        print(f"{'command':<34}{'wall s':>9}{'peak PSS (tree) MB':>21}{'max RSS/proc MB':>18}")
         for name, argv in runs.items():
             for _ in range(args.repeat):
                 secs, peak_kb, max_kb, rc = measure(argv)
