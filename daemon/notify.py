@@ -75,6 +75,7 @@ EVENT_TYPE = "slurm_triage"
 DONE_STATES = frozenset({"sent", "dead"})
 MAX_BACKOFF_S = 120.0
 DEFAULT_RETRY_AFTER_S = 30.0
+_MAX_WAIT_S = 3600.0
 # how far before a message's creation the history search starts (clock skew)
 HISTORY_SKEW_S = 120.0
 
@@ -835,9 +836,14 @@ def deliver(
         due = _parse(msg.next_attempt_at)
         if due is not None:
             wait = (due - wall()).total_seconds()
+            if wait > _MAX_WAIT_S:
+                # no backoff or Retry-After is this long: it was stamped before the clock
+                # was set back; waiting for it would stall delivery until the clock catches up
+                wait = 0.0
         last = _last_sent_at(ledger)
         if last is not None:
-            wait = max(wait, interval - (wall() - last).total_seconds())
+            # a send "in the future" also means the clock went back: count it as just sent
+            wait = max(wait, interval - max(0.0, (wall() - last).total_seconds()))
         if wait > 0:
             if wait >= remaining():
                 # in order: a message in backoff holds back the ones after it

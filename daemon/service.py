@@ -220,7 +220,8 @@ def _merge_heartbeat(health: Health, beat: Health | None) -> Health:
         return health
     saved = parse_iso(health.last_tick_started_at)
     newer = parse_iso(beat.last_tick_started_at)
-    if newer is not None and (saved is None or newer > saved):
+    # on a tie the heartbeat wins: a tick writes it after its last ledger save
+    if newer is not None and (saved is None or newer >= saved):
         # counters that drive alerts live in the ledger; keep the larger
         beat.consecutive_sacct_failures = max(
             beat.consecutive_sacct_failures, health.consecutive_sacct_failures

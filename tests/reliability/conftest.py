@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,17 @@ def shift_daemon_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     def make(settings: Any, store: Any, ledger: Any) -> service.TickContext:
         ctx = _ORIGINAL_MAKE_CONTEXT(settings, store, ledger)
         ctx.clock = lambda: service.utcnow() + timedelta(seconds=seconds)
+        return ctx
+
+    monkeypatch.setattr(service, "_make_context", make)
+
+
+def pin_daemon_clock(monkeypatch: pytest.MonkeyPatch, when: datetime) -> None:
+    """Make ``run --once`` in this process tick at ``when``, every time."""
+
+    def make(settings: Any, store: Any, ledger: Any) -> service.TickContext:
+        ctx = _ORIGINAL_MAKE_CONTEXT(settings, store, ledger)
+        ctx.clock = lambda: when
         return ctx
 
     monkeypatch.setattr(service, "_make_context", make)
