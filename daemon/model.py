@@ -189,6 +189,10 @@ ACTIVE_STATES: frozenset[str] = frozenset(
 )
 
 
+# Slurm's MaxArraySize cannot exceed 4000001 (slurm.conf(5)).
+MAX_ARRAY_TASKS = 4_000_001
+
+
 def compress_ranges(indices: list[int] | set[int] | frozenset[int]) -> str:
     """``[38..47, 49]`` -> ``"38-47,49"`` (sorted, duplicates dropped)."""
     ordered = sorted(set(indices))
@@ -222,6 +226,9 @@ def expand_ranges(text: str) -> list[int]:
             lo, hi = int(lo_text), int(hi_text)
             if hi < lo:
                 raise ValueError(f"bad array range in {text!r}")
+            # beyond Slurm's largest MaxArraySize it is garbage, and would exhaust memory
+            if len(out) + (hi - lo) // step >= MAX_ARRAY_TASKS:
+                raise ValueError(f"array range larger than Slurm allows in {text!r}")
             out.extend(range(lo, hi + 1, step))
         else:
             out.append(int(part))
