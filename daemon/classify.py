@@ -665,6 +665,12 @@ class FinalError:
     def resolve(self) -> tuple[ErrorType | None, Hit]:
         """(type, deciding line); type None = an error record nothing recognises."""
         entries = self.entries
+        # A quota or credit error anywhere in the final error decides, even when a wrapper
+        # (tenacity's RetryError "raised RateLimitError", a 429) would say "retry": retrying
+        # an empty account cannot succeed (design rule 5).
+        for e in reversed(entries):
+            if e.error_type is T.BILLING:
+                return T.BILLING, e
         if self.kind == "traceback":
             exc_idx = max((i for i, e in enumerate(entries) if e.role == "exc"), default=None)
             if exc_idx is not None:
