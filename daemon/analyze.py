@@ -277,6 +277,15 @@ def _query_slurm(
 # Configs
 
 
+# An experiment config is a few KiB; a bigger file is not one, and reading it whole per
+# task would make memory depend on it.
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
+class _ConfigTooLarge(Exception):
+    pass
+
+
 def load_config(
     results_dir: Path | None, task: int | None, settings: Settings, warnings: list[str]
 ) -> tuple[str, dict[str, Any], str | None]:
@@ -292,7 +301,14 @@ def load_config(
     path = results_dir / rel
     try:
         with open(path, "rb") as fh:
-            data = json.loads(fh.read().decode("utf-8"))
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise _ConfigTooLarge
+        data = json.loads(raw.decode("utf-8"))
+    except _ConfigTooLarge:
+        problem = f"config {path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB; not read"
+    except RecursionError:
+        problem = f"malformed config {path}: nested too deeply"
     except FileNotFoundError:
         problem = f"no config for task {task}: {path} not found"
         warnings.append(problem)

@@ -93,7 +93,8 @@ def compile_patterns(patterns: Sequence[str] | None) -> list[re.Pattern[str]]:
     compiled: list[re.Pattern[str]] = []
     for text in texts:
         try:
-            rx = re.compile(text)
+            # DOTALL: a file name may contain a newline, and "." must still match it
+            rx = re.compile(text, re.DOTALL)
         except re.error as exc:
             raise ConfigError(f"analyze.log_name_patterns: bad regex {text!r}: {exc}") from exc
         if "job" not in rx.groupindex:
