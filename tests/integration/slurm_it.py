@@ -71,6 +71,15 @@ def run(
     return proc
 
 
+def memory_mode() -> str:
+    """How the testbed limits memory: "cgroup" (OUT_OF_MEMORY) or "overmemorykill" (FAILED 0:9)."""
+    base = Path(os.environ.get("SLURM_TESTBED_DIR", "/tmp/slurm-testbed"))
+    try:
+        return (base / "memory_mode").read_text().strip()
+    except OSError:
+        return "cgroup"  # not our testbed: assume a real cluster with cgroups
+
+
 def cluster_problem() -> str | None:
     """None when sinfo shows a usable node and sacct answers; else why not."""
     _default_conf()

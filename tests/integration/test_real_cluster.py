@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from slurm_it import Submitted, run, triage
+from slurm_it import Submitted, memory_mode, run, triage
 
 pytestmark = pytest.mark.slurm
 
@@ -45,9 +45,8 @@ def test_slurm_records_the_real_endings(
     assert state[submitted.task(3)] == "FAILED"
     assert state[submitted.task(4)] == "COMPLETED"
     assert state[submitted.cancel_job] == "CANCELLED"
-    memory_mode = Path("/tmp/slurm-testbed/memory_mode")
     expected_oom = {"OUT_OF_MEMORY"}
-    if memory_mode.is_file() and memory_mode.read_text().strip() != "cgroup":
+    if memory_mode() != "cgroup":
         expected_oom = {"FAILED"}  # OverMemoryKill fallback: FAILED 0:9
     assert state[submitted.oom_job] in expected_oom
     assert fast_rows[submitted.task(1)]["ExitCode"] == "1:0"
@@ -150,8 +149,8 @@ def test_classify_reads_real_logs(
     assert res["net"]["error_type"] == "network"
     assert res["code"]["error_type"] == "code_error"
     assert res["cancel"]["error_type"] == "cancelled"
-    if Path("/tmp/slurm-testbed/memory_mode").read_text().strip() == "cgroup":
-        assert res["oom"]["error_type"] == "oom"
+    assert res["oom"]["error_type"] == "oom"
+    if memory_mode() == "cgroup":
         assert "oom-kill" in (res["oom"]["evidence"] or "")
     # A running task's log has no ending yet: never a failure.
     assert res["running"]["outcome"] != "failure"

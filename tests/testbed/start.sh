@@ -192,7 +192,8 @@ CGROUP_OK=0
 cgroup_v1_writable() {
     local c probe
     for c in memory freezer; do
-        [[ -d /sys/fs/cgroup/$c ]] || return 1
+        # Must be a v1 hierarchy: on a cgroup2 host a folder of that name is just a v2 group.
+        [[ $(stat -f -c %T "/sys/fs/cgroup/$c" 2>/dev/null) == cgroupfs ]] || return 1
         probe="/sys/fs/cgroup/$c/slurm-testbed-probe.$$"
         mkdir "$probe" 2>/dev/null || return 1
         rmdir "$probe"
@@ -200,10 +201,11 @@ cgroup_v1_writable() {
 }
 if cgroup_v1_writable; then
     CGROUP_OK=1
-else
-    # No writable v1 hierarchy: try to mount one (works in privileged containers).
+elif [[ $(stat -f -c %T /sys/fs/cgroup 2>/dev/null) == tmpfs ]]; then
+    # A v1 layout without these controllers mounted: try to mount them (privileged
+    # containers allow it). Never on a cgroup2 host, where mkdir would make v2 groups.
     for c in memory freezer; do
-        if [[ ! -d /sys/fs/cgroup/$c ]] || ! mountpoint -q "/sys/fs/cgroup/$c"; then
+        if ! mountpoint -q "/sys/fs/cgroup/$c"; then
             mkdir -p "/sys/fs/cgroup/$c" 2>/dev/null &&
                 mount -t cgroup -o "$c" cgroup "/sys/fs/cgroup/$c" 2>/dev/null || true
         fi
