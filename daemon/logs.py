@@ -260,6 +260,78 @@ def find_job_logs(
 
 
 # ---------------------------------------------------------------------------------------
+# The daemon's walk: every tick, over possibly 100,000 files
+
+
+class LogWalker:
+    """Lists job log files cheaply, tick after tick.
+
+    Unlike :func:`scan_log_tree` it neither sorts, pairs nor stats: the daemon looks a path
+    up in its cursors first and stats only files whose job is still open, so a tick over a
+    large, quiet tree costs one ``getdents`` per folder and a dict lookup per file. Names
+    are parsed once per process (they never change).
+    """
+
+    def __init__(self, settings: AnalyzeSettings) -> None:
+        self.patterns = compile_patterns(settings.log_name_patterns)
+        self.suffixes = tuple(s for s in settings.log_suffixes if s) or (".err", ".out")
+        self._names: dict[str, TaskKey | None] = {}
+
+    def key_of(self, name: str) -> TaskKey | None:
+        """The task a log file name belongs to (cached), None when it is not a job log."""
+        try:
+            return self._names[name]
+        except KeyError:
+            pass
+        split = _split_suffix(name, self.suffixes)
+        parsed = parse_log_name(split[0], self.patterns) if split is not None else None
+        key = parsed[1] if parsed is not None else None
+        if len(self._names) > 1_000_000:
+            self._names.clear()  # bounded memory on a tree that churns names
+        self._names[name] = key
+        return key
+
+    def walk(self, log_dir: Path, warnings: list[str]) -> Iterable[tuple[str, os.DirEntry[str]]]:
+        """(path, entry) of every file with a log suffix under ``log_dir``.
+
+        Symlinked folders are followed once (loops detected by device and inode);
+        unreadable folders become warnings. Raises InputError when ``log_dir`` itself
+        cannot be read.
+        """
+        try:
+            root = os.stat(log_dir)
+        except OSError as exc:
+            raise InputError(f"cannot read log folder {log_dir}: {exc.strerror}") from exc
+        seen = {(root.st_dev, root.st_ino)}
+        stack = [os.fspath(log_dir)]
+        suffixes = self.suffixes
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = list(it)
+            except OSError as exc:
+                if folder == os.fspath(log_dir):
+                    raise InputError(f"cannot read log folder {log_dir}: {exc.strerror}") from exc
+                warnings.append(f"skipped unreadable folder {folder}: {exc.strerror}")
+                continue
+            for entry in entries:
+                name = entry.name
+                if name.endswith(suffixes):
+                    yield entry.path, entry
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=True):
+                        st = entry.stat(follow_symlinks=True)
+                        ident = (st.st_dev, st.st_ino)
+                        if ident not in seen:
+                            seen.add(ident)
+                            stack.append(entry.path)
+                except OSError:
+                    continue
+
+
+# ---------------------------------------------------------------------------------------
 # The daemon's incremental reader
 
 

@@ -11,6 +11,7 @@ import getpass
 import json
 import os
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -94,6 +95,14 @@ class TickContext:
     user: str
     clock: Clock = utcnow
     table: Any = None  # classify.SignatureTable, built lazily
+    walker: Any = None  # logs.LogWalker, kept across ticks for its name cache
+
+    def log_walker(self) -> Any:
+        if self.walker is None:
+            from .logs import LogWalker
+
+            self.walker = LogWalker(self.settings.analyze)
+        return self.walker
 
     def signature_table(self) -> Any:
         if self.table is None:
@@ -113,7 +122,9 @@ def _sacct_window_start(health: Health, settings: Settings, now: datetime) -> da
 
 def row_is_complete(row: SacctRow) -> bool:
     """22.05 fills JobName/WorkDir a few seconds after State: judge only complete rows."""
-    return row.job_name not in _PLACEHOLDER_NAMES and bool(row.work_dir)
+    from .slurm import is_placeholder
+
+    return not is_placeholder(row)
 
 
 def tick(ctx: TickContext) -> TickReport:
@@ -293,43 +304,44 @@ def _deliver(ctx: TickContext, now: datetime, save: Callable[[], None], report: 
 
 
 def _scan_logs(ctx: TickContext, report: TickReport) -> None:
-    """Stat every job log; read only the new bytes of files whose job is not yet classified."""
-    from .logs import advance_cursor, find_job_logs
+    """Walk every log folder; read only the new bytes of files whose job is still open.
+
+    A file whose job was classified is not even stat'ed, so a quiet tree of 100,000 logs
+    costs a directory listing and a dict lookup per file.
+    """
+    from .logs import advance_cursor
 
     ledger = ctx.ledger
     table = ctx.signature_table()
+    walker = ctx.log_walker()
     watch = ctx.settings.watch
     horizon_s = max(watch.retention_days * 86400, watch.initial_lookback_s)
-    oldest = ctx.clock().timestamp() - horizon_s
+    oldest_ns = int((ctx.clock().timestamp() - horizon_s) * 1e9)
+    cursors = ledger.cursors
     for log_dir in watch.log_dirs:
         warnings: list[str] = []
         try:
-            found = find_job_logs(Path(log_dir).expanduser(), ctx.settings.analyze, warnings)
-        except TriageError as exc:
-            report.errors.append(f"logs: {exc}")
-            continue
-        report.errors.extend(f"logs: {w}" for w in warnings[:5])
-        for job_logs in found:
-            key = str(job_logs.key)
-            if job_logs.mtime < oldest and not any(
-                str(p) in ledger.cursors for p in job_logs.paths
-            ):
-                continue  # older than anything we track: retention dropped it, don't revive it
-            for path in job_logs.paths:
+            for path_s, entry in walker.walk(Path(log_dir).expanduser(), warnings):
                 report.files_seen += 1
-                path_s = str(path)
-                cursor = ledger.cursors.get(path_s)
-                if cursor is None:
-                    cursor = LogCursor(path=path_s, key=key)
-                    ledger.cursors[path_s] = cursor
-                    ledger.mark_dirty()
-                elif cursor.done:
+                cursor = cursors.get(path_s)
+                if cursor is not None and cursor.done:
                     continue
                 try:
-                    st = path.stat()
+                    st = entry.stat()
                 except OSError:
+                    continue  # deleted since the listing
+                if not stat.S_ISREG(st.st_mode):
                     continue
-                if (
+                if cursor is None:
+                    key = walker.key_of(entry.name)
+                    if key is None or st.st_mtime_ns < oldest_ns:
+                        # not a job log; or older than anything we track (retention
+                        # dropped it): don't revive it
+                        continue
+                    cursor = LogCursor(path=path_s, key=str(key))
+                    cursors[path_s] = cursor
+                    ledger.mark_dirty()
+                elif (
                     cursor.offset
                     and st.st_size == cursor.size
                     and st.st_mtime_ns == cursor.mtime_ns
@@ -346,6 +358,9 @@ def _scan_logs(ctx: TickContext, report: TickReport) -> None:
                     report.bytes_read += read.bytes_read
                     ledger.mark_dirty()
                 crash_point("tick.mid_scan")
+        except TriageError as exc:
+            report.errors.append(f"logs: {exc}")
+        report.errors.extend(f"logs: {w}" for w in warnings[:5])
 
 
 def _logs_index(ledger: Ledger) -> dict[str, list[LogCursor]]:
@@ -390,6 +405,8 @@ def _classify_finished(
                 continue
             record.classified_at = None
             record.outcome = Outcome.RUNNING.value
+            for cursor in index.get(key, []):
+                cursor.done = False  # a requeue rewrites the log: read it again
         _update_from_row(record, row)
         if not row.finished or row.key in active:
             if record.outcome != Outcome.RUNNING.value or record.state != row.state:

@@ -197,6 +197,10 @@ class FakeSlurm:
                 if state != "PENDING" or start is not None:
                     core.split_off(s, j)
                 j["state"] = state
+                if state != "PENDING" and (j.get("begin") or 0) > now:
+                    # a job that ran was eligible: a test that ends it early moves the
+                    # --begin time, or sacct's window would hide a finished job
+                    j["begin"] = now
                 if state == "PENDING":
                     pass
                 elif state in core.FINISHED:
