@@ -20,6 +20,7 @@ from slurm_it import (
     run,
     sbatch,
     wait_finished,
+    wait_left_queue,
     wait_state,
     write_configs,
 )
@@ -121,4 +122,6 @@ def fast_rows(submitted: Submitted) -> dict[str, dict[str, str]]:
 @pytest.fixture(scope="session")
 def timeout_row(submitted: Submitted) -> dict[str, str]:
     """The time-limit job's sacct row (waits up to ~3 min, usually ~90 s)."""
-    return wait_finished([submitted.timeout_job], timeout=200)[submitted.timeout_job]
+    row = wait_finished([submitted.timeout_job], timeout=200)[submitted.timeout_job]
+    wait_left_queue(submitted.timeout_job, timeout=60)
+    return row

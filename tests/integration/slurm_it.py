@@ -171,6 +171,23 @@ def wait_state(job_id: str, state: str, *, timeout: float) -> None:
     raise AssertionError(f"job {job_id} not {state} after {timeout:.0f}s (last: {last})")
 
 
+def wait_left_queue(job_id: str, *, timeout: float) -> None:
+    """Poll until squeue no longer lists the job as pending/running/completing.
+
+    A job killed at its time limit is TIMEOUT in sacct at once but stays COMPLETING
+    in squeue for up to KillWait seconds, and analyze counts COMPLETING as active.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc = run(["squeue", "-h", "-j", job_id, "-o", "%T"], check=False)
+        # Once purged from slurmctld (MinJobAge), squeue -j rejects the id instead.
+        gone = proc.returncode == 0 or "Invalid job id" in proc.stderr
+        if gone and not proc.stdout.strip():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still in squeue after {timeout:.0f}s")
+
+
 @dataclass
 class Submitted:
     """The jobs of this session and where their logs go."""
