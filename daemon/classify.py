@@ -67,8 +67,9 @@ from __future__ import annotations
 
 import base64
 import importlib
+import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -407,6 +408,38 @@ _PREFILTER_WORDS = (
 )
 
 
+def _finder(compiled: Any) -> Callable[[bytes, int, int], int]:
+    """``find(buf, pos, end)`` -> start of the first match or -1.
+
+    The RE2 wrapper's ``search`` costs ~10 us of Python per call (generator, match
+    object); its compiled core answers the same question in C. Falls back to ``search``
+    for stdlib patterns or a wrapper without that core."""
+    core = getattr(compiled, "_regexp", None)
+    anchor = (
+        getattr(
+            getattr(importlib.import_module(type(compiled).__module__), "_Anchor", None),
+            "UNANCHORED",
+            None,
+        )
+        if core is not None
+        else None
+    )
+    if core is not None and anchor is not None and hasattr(core, "Match"):
+        match = core.Match
+
+        def find_re2(buf: bytes, pos: int, end: int) -> int:
+            return int(match(anchor, buf, pos, end)[0][0])
+
+        return find_re2
+    search = compiled.search
+
+    def find_re(buf: bytes, pos: int, end: int) -> int:
+        m = search(buf, pos, end)
+        return -1 if m is None else int(m.start())
+
+    return find_re
+
+
 def _compile_prefilter(pattern: bytes) -> Any:
     """RE2 (a DFA: hundreds of MB/s over a chunk) when installed and able; else ``re``."""
     try:
@@ -417,6 +450,34 @@ def _compile_prefilter(pattern: bytes) -> Any:
         return re2.compile(pattern)
     except Exception:  # a user pattern RE2 cannot express (lookbehind, ...)
         return re.compile(pattern)
+
+
+def _compile_candidates(markers: Sequence[str]) -> Callable[[bytes, int, int], int] | None:
+    """A finder for lines that can carry a success marker, a Slurm line or a traceback
+    header: the only lines before the tail of a big file that can change its findings.
+
+    It must find a superset of those lines as the scanner sees them (decoded, lower-cased
+    for markers), so it is built only when that is certain: RE2 is installed (the stdlib
+    engine is ~50x slower over whole files) and every marker letter is ASCII."""
+    try:
+        re2 = importlib.import_module("re2")
+    except ImportError:
+        return None
+    parts = [rb"Traceback", rb"slurm", rb"\*\*\* ", rb"Killed", rb"s(?:run|alloc|batch): "]
+    for marker in markers:
+        for ch in marker:
+            if not ch.isascii() and (ch.isalpha() or ch == "\ufffd" or ch.isspace()):
+                return None
+        parts.append(b"(?i:" + re.escape(marker.encode("utf-8")) + b")")
+        # the only non-ASCII characters str.lower() turns into ASCII letters
+        if "k" in marker:
+            parts.append("\u212a".encode())
+        if "i" in marker:
+            parts.append("\u0130".encode())
+    try:
+        return _finder(re2.compile(b"|".join(parts)))
+    except Exception:  # pragma: no cover - the pattern is literal alternations
+        return None
 
 
 _TB_HEADER = re.compile(r"(?:Exception Group )?Traceback \(most recent call last\):")
@@ -499,6 +560,11 @@ class SignatureTable:
     # slow backtracking engine only runs on the few signatures that can match
     preselect: Any = field(default=None, repr=False)
     always: frozenset[int] = frozenset()  # signatures RE2 could not take: always tried
+    # _finder(prefilter): the per-chunk search without the wrapper's per-call overhead
+    prefilter_find: Callable[[bytes, int, int], int] | None = field(default=None, repr=False)
+    # whole-file fast path (scan_path): finds lines that may be Slurm's, a success marker
+    # or a traceback header; None when it cannot be built exactly (no RE2, odd markers)
+    candidates_find: Callable[[bytes, int, int], int] | None = field(default=None, repr=False)
 
     def match(self, text: str, *, final: bool) -> tuple[Signature, re.Match[str]] | None:
         """First signature matching ``text``; ``final`` admits final_error signatures."""
@@ -571,6 +637,8 @@ def build_table(settings: ClassifySettings) -> SignatureTable:
         prefilter=prefilter,
         preselect=preselect,
         always=always,
+        prefilter_find=_finder(prefilter),
+        candidates_find=_compile_candidates(markers),
     )
 
 
@@ -757,6 +825,9 @@ class LogScanner:
         self._final: FinalError | None = None
         self._success: Hit | None = None
         self._slurm: Hit | None = None
+        # a header that would join an exception group begun before this scanner started
+        # (only ever true for a fresh scanner): its view may differ from a whole-file scan
+        self._hazard = False
 
     # -- feeding ------------------------------------------------------------------------
 
@@ -788,7 +859,7 @@ class LogScanner:
 
     def _block(self, buf: bytes, pos: int, end: int) -> None:
         """Complete lines in ``buf[pos:end]`` (``end`` just after a newline)."""
-        search = self.table.prefilter.search
+        find = self.table.prefilter_find or _finder(self.table.prefilter)
         while pos < end:
             if self._mode != _SCAN:
                 nl = buf.find(b"\n", pos, end)
@@ -796,17 +867,20 @@ class LogScanner:
                 self._line(buf[pos : min(nl, pos + MAX_LINE_BYTES)], self._lines)
                 pos = nl + 1
                 continue
-            m = search(buf, pos, end)
-            if m is None:
+            hit = find(buf, pos, end)
+            if hit < 0:
                 self._lines += buf.count(b"\n", pos, end)
                 return
-            hit = m.start()
             ls = buf.rfind(b"\n", pos, hit) + 1 or pos
             if ls < pos:
                 ls = pos
             self._lines += buf.count(b"\n", pos, ls) + 1
             le = buf.find(b"\n", hit, end)
-            self._line(buf[ls : min(le, ls + MAX_LINE_BYTES)], self._lines)
+            if le - ls > MAX_LINE_BYTES:
+                # the hit may lie past the cut: _line checks the part that is kept
+                self._line(buf[ls : ls + MAX_LINE_BYTES], self._lines)
+            else:
+                self._line_hit(buf[ls:le], self._lines)
             pos = le + 1
 
     # -- one line -----------------------------------------------------------------------
@@ -814,6 +888,10 @@ class LogScanner:
     def _line(self, raw: bytes, line_no: int) -> None:
         if self._mode == _SCAN and self.table.prefilter.search(raw) is None:
             return
+        self._line_hit(raw, line_no)
+
+    def _line_hit(self, raw: bytes, line_no: int) -> None:
+        """A line the prefilter already matched (in scan mode), or any line in a traceback."""
         text = _decode(raw)
         if self._mode == _TB:
             self._in_traceback(text, line_no)
@@ -937,6 +1015,8 @@ class LogScanner:
 
     def _start_traceback(self, text: str, header: re.Match[str], line_no: int) -> None:
         prefix = text[: header.start()]
+        if "|" in prefix and not self._cur_kind:
+            self._hazard = True
         nested = "|" in prefix and self._cur_kind == "traceback" and self._cur_group
         chained = line_no - self._chain_line <= 3 and self._cur_kind == "traceback"
         if not (nested or chained):
@@ -1062,6 +1142,192 @@ class LogScanner:
         return scanner
 
 
+# Whole-file fast path (see _scan_whole).
+FAST_MIN_BYTES = 16 << 20
+TAIL_WINDOW = 1 << 20
+MAX_TAIL_WINDOW = 64 << 20
+# Lines after a "Traceback" within which the scanner may still be inside that traceback.
+TB_REACH = MAX_FRAME_LINES + MAX_CONTINUATION + 16
+# Quiet lines (``_is_quiet``) before the tail: the joining rules look back at most 3 lines.
+QUIET_LINES = 4
+MAX_HEAD_CANDIDATES = 20_000
+_PROBE_BYTES = 256 << 10
+
+
+def _is_quiet(table: SignatureTable, raw: bytes) -> bool:
+    """Whether this line, read in scan mode, leaves the error state alone whatever it was
+    (no prefilter hit, or an informational/retry/success line): the state the joining
+    rules look at (last entry, chain and "ignored" markers) then ages by one line."""
+    if b"above exception" in raw:  # a chain marker only counts after a traceback
+        return False
+    probe = LogScanner(table, "")
+    probe.feed(raw + b"\n")
+    return probe._mode == _SCAN and not probe._cur and probe._ignore_line < 0
+
+
+def _quiet_start(fh: Any, table: SignatureTable, start: int) -> int | None:
+    """The first line start after ``start`` that follows QUIET_LINES lines without a
+    prefilter hit and lies more than TB_REACH lines after any "Traceback": the forward
+    scanner is then in plain scan mode with no error it could extend. None if not found."""
+    fh.seek(start)
+    buf = fh.read(_PROBE_BYTES)
+    pos = buf.find(b"\n") + 1
+    if pos == 0:
+        return None
+    quiet = 0
+    while quiet < QUIET_LINES:
+        le = buf.find(b"\n", pos)
+        if le < 0:
+            return None
+        quiet = quiet + 1 if _is_quiet(table, buf[pos : min(le, pos + MAX_LINE_BYTES)]) else 0
+        pos = le + 1
+    q: int = start + pos
+    # walk back TB_REACH lines (whole blocks: conservative) looking for a traceback header
+    end, lines = q, 0
+    while end > 0 and lines <= TB_REACH:
+        block_start = max(0, end - (1 << 20))
+        fh.seek(block_start)
+        block = fh.read(min(q, end + 16) - block_start)  # overlap: a word across blocks
+        if b"Traceback" in block:
+            return None
+        lines += block.count(b"\n", 0, end - block_start)
+        end = block_start
+    return q
+
+
+def _tail_scan(fh: Any, table: SignatureTable, source: str, q: int, base: int) -> LogScanner:
+    scanner = LogScanner(table, source)
+    scanner._lines = base
+    fh.seek(q)
+    while chunk := fh.read(READ_CHUNK):
+        scanner.feed(chunk)
+    return scanner
+
+
+def _head_lines(
+    fh: Any, table: SignatureTable, q: int
+) -> tuple[int, list[tuple[int, bytes]]] | None:
+    """(newlines in ``[0, q)``, candidate lines there as (line_no, first MAX_LINE_BYTES)),
+    or None when a candidate may sit inside a traceback or there are too many."""
+    find = table.candidates_find
+    assert find is not None
+    out: list[tuple[int, bytes]] = []
+    lines = 0  # newlines before the current chunk
+    last_tb = -TB_REACH - 1
+    carry: bytes | None = None  # start of a line begun in an earlier chunk
+
+    def take(raw: bytes, line_no: int) -> bool:
+        nonlocal last_tb
+        if find(raw, 0, len(raw)) < 0:
+            return True
+        if line_no - last_tb <= TB_REACH or len(out) >= MAX_HEAD_CANDIDATES:
+            return False
+        if b"Traceback" in raw:
+            last_tb = line_no
+        out.append((line_no, raw))
+        return True
+
+    fh.seek(0)
+    pos_abs = 0
+    while pos_abs < q:
+        chunk = fh.read(min(READ_CHUNK, q - pos_abs))
+        if not chunk:
+            return None  # the file shrank under us
+        pos_abs += len(chunk)
+        start = 0
+        if carry is not None:
+            nl = chunk.find(b"\n")
+            if nl < 0:
+                carry = (carry + chunk)[:MAX_LINE_BYTES]
+                continue
+            if not take((carry + chunk[:nl])[:MAX_LINE_BYTES], lines + 1):
+                return None
+            lines += 1
+            start = nl + 1
+            carry = None
+        last = chunk.rfind(b"\n", start)
+        if last < 0:
+            carry = chunk[start:MAX_LINE_BYTES]
+            continue
+        counted, pos = start, start
+        while pos <= last:
+            hit = find(chunk, pos, last + 1)
+            if hit < 0:
+                break
+            ls = max(chunk.rfind(b"\n", pos, hit) + 1, pos)
+            le = chunk.find(b"\n", hit, last + 1)
+            lines += chunk.count(b"\n", counted, ls)
+            counted = ls
+            if not take(chunk[ls : min(le, ls + MAX_LINE_BYTES)], lines + 1):
+                return None
+            pos = le + 1
+        lines += chunk.count(b"\n", counted, last + 1)
+        carry = chunk[last + 1 : last + 1 + MAX_LINE_BYTES] if last + 1 < len(chunk) else None
+    if carry is not None:
+        return None  # q is a line start: cannot happen unless the file changed
+    return lines, out
+
+
+def _scan_whole(
+    path: Path | str,
+    table: SignatureTable,
+    *,
+    window: int = TAIL_WINDOW,
+    max_window: int = MAX_TAIL_WINDOW,
+) -> tuple[ScanFindings, int, dict[str, Any]] | None:
+    """``scan_path`` for a whole big file without running the scanner over all of it.
+
+    The findings are (a) the first success marker, (b) the last strongest Slurm line and
+    (c) the error that ended the program. (a) and (b) depend only on the line's text and
+    on not being inside a traceback, so a cheap search for candidate lines over the file
+    plus the real scanner on each candidate gives them exactly. (c) is found by the real
+    scanner over a tail window starting where the scanner is provably at rest (plain scan
+    mode, no error it could extend: ``_quiet_start``); from there on a fresh scanner makes
+    the same decisions as one that read the whole file, so if it finds a final error that
+    is the file's final error. Otherwise the window doubles. None: use the forward scan.
+    """
+    if table.candidates_find is None:
+        return None
+    source = str(path)
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        while True:
+            start = size - window
+            if start <= 0 or window > max_window:
+                return None
+            q = _quiet_start(fh, table, start)
+            if q is not None:
+                probe = _tail_scan(fh, table, source, q, 0)
+                if probe._final is not None and not probe._hazard:
+                    break
+            window *= 2
+        head = _head_lines(fh, table, q)
+        if head is None:
+            return None
+        base, candidates = head
+        tail = _tail_scan(fh, table, source, q, base)
+        if tail._final is None or tail._hazard:
+            return None  # the file changed between the two reads
+        end = fh.tell()
+    success: Hit | None = None
+    slurm: Hit | None = None
+    for line_no, raw in candidates:
+        probe = LogScanner(table, source)
+        probe._lines = line_no - 1
+        probe.feed(raw + b"\n")
+        if success is None and probe._success is not None:
+            success = probe._success
+        s = probe._slurm
+        if s is not None and (slurm is None or s.priority >= slurm.priority):
+            slurm = s
+    if success is not None:  # the head comes first
+        tail._success = success
+    s = tail._slurm
+    if slurm is not None and (s is None or s.priority < slurm.priority):
+        tail._slurm = slurm
+    return tail.findings(), end, tail.state()
+
+
 def scan_path(
     path: Path | str,
     table: SignatureTable,
@@ -1071,6 +1337,16 @@ def scan_path(
 ) -> tuple[ScanFindings, int, dict[str, Any]]:
     """Scan ``path`` from ``offset`` (resuming ``state``); returns (findings, new offset, state)."""
     source = str(path)
+    try:
+        if not offset and not state and os.path.getsize(path) >= FAST_MIN_BYTES:
+            fast = _scan_whole(path, table)
+            if fast is not None:
+                return fast
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such file") from exc
+    except OSError as exc:
+        if not isinstance(exc, IsADirectoryError):
+            raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     scanner = LogScanner.from_state(table, source, state) if state else LogScanner(table, source)
     pos = offset
     try:

@@ -1,0 +1,201 @@
+"""The whole-file fast path of ``scan_path`` (``_scan_whole``) must find exactly what the
+forward scanner finds: the same success line, Slurm line, final error, line count and end
+offset, on every fixture and on generated logs.
+
+The fast path's safety margins are sized from the scanner's own limits (frames of one
+traceback, continuation lines); the tests shrink those limits together so that small
+files exercise the same logic a 200 MB log does (tail window, quiet start, head candidates
+near tracebacks, window doubling)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import daemon.classify as classify
+from daemon.classify import ScanFindings, _scan_whole, build_table, decide, scan_path
+from daemon.settings import ClassifySettings
+
+SETTINGS = ClassifySettings()
+TABLE = build_table(SETTINGS)
+FIXTURES = Path(__file__).parent / "fixtures" / "logs"
+
+pytestmark = pytest.mark.skipif(
+    TABLE.candidates_find is None, reason="google-re2 not installed: no whole-file fast path"
+)
+
+
+@pytest.fixture(autouse=True)
+def small_limits(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Scanner limits small enough that a few-KB file has a head, a tail and margins."""
+    monkeypatch.setattr(classify, "MAX_FRAME_LINES", 12)
+    monkeypatch.setattr(classify, "TB_REACH", 12 + classify.MAX_CONTINUATION + 16)
+    yield
+
+
+def _forward(path: Path) -> tuple[ScanFindings, int]:
+    scanner = classify.LogScanner(TABLE, str(path))
+    with open(path, "rb") as fh:
+        data = fh.read()
+    scanner.feed(data)
+    return scanner.findings(), len(data)
+
+
+def _check(path: Path, window: int) -> bool:
+    """Both paths agree; returns whether the fast path was taken."""
+    fast = _scan_whole(path, TABLE, window=window, max_window=1 << 30)
+    if fast is None:
+        return False
+    findings, end, state = fast
+    expected, size = _forward(path)
+    assert findings == expected
+    assert end == size
+    assert decide([findings], None, SETTINGS) == decide([expected], None, SETTINGS)
+    # the returned state resumes like the forward scanner's (stale line markers aside)
+    resumed = classify.LogScanner.from_state(TABLE, str(path), state)
+    resumed.feed(b"Traceback (most recent call last):\nKeyError: 'x'\n")
+    again = classify.LogScanner(TABLE, str(path))
+    again.feed(path.read_bytes() + b"Traceback (most recent call last):\nKeyError: 'x'\n")
+    assert resumed.findings() == again.findings()
+    return True
+
+
+NOISE = (
+    b'2026-01-25 14:02:11,301 INFO httpx: HTTP Request: POST https://api.x/v1 "HTTP/1.1 429 '
+    b'Too Many Requests"\n'
+    b"2026-01-25 14:02:11,301 INFO anthropic._base_client: Retrying request in 2.1 seconds\n"
+    b"Round 1/5:  40%|\xe2\x96\x88\xe2\x96\x88     | 2/5 [01:22<02:03] input_tokens=4290\n"
+    b"2026-01-25 14:02:11,301 INFO __main__: host=n1 CUDA_VISIBLE_DEVICES=0 HTTPX_TIMEOUT=600\n"
+)
+
+
+@pytest.mark.parametrize(
+    "path", sorted(FIXTURES.rglob("*.*")), ids=lambda p: str(p.relative_to(FIXTURES))
+)
+@pytest.mark.parametrize("window", [64, 512])
+def test_fixture_behind_noise_same_findings(path: Path, window: int, tmp_path: Path) -> None:
+    # the fixture at the end of a long log (the usual shape) and alone
+    log = tmp_path / path.name
+    log.write_bytes(NOISE * 60 + path.read_bytes())
+    _check(log, window)
+    alone = tmp_path / ("alone_" + path.name)
+    alone.write_bytes(path.read_bytes())
+    _check(alone, window)
+
+
+def test_fast_path_is_taken_and_counts_lines(tmp_path: Path) -> None:
+    log = tmp_path / "big.err"
+    ending = b"Traceback (most recent call last):\n  File \"a.py\", line 1\nKeyError: 'k'\n"
+    log.write_bytes(
+        b"slurmstepd: error: *** STEP 5.0 ON n CANCELLED AT 2026 ***\n" + NOISE * 500 + ending
+    )
+    assert _check(log, 256)
+    findings, _end, _state = _scan_whole(log, TABLE, window=256) or (None, 0, {})
+    assert findings is not None
+    assert findings.lines == 2004
+    assert findings.slurm is not None and findings.slurm.line_no == 1
+    assert findings.final is not None and findings.final.entries[-1].line_no == 2004
+
+
+def test_marker_early_in_a_big_file_is_found(tmp_path: Path) -> None:
+    log = tmp_path / "ok.err"
+    log.write_bytes(
+        NOISE * 10
+        + b"x \xe2\x9c\x85 Experiment RESULTS SAVED to out.json\n"
+        + NOISE * 400
+        + b"ERROR: Error code: 503\n"
+    )
+    assert _check(log, 256)
+    findings, _, _ = _scan_whole(log, TABLE, window=256) or (None, 0, {})
+    assert findings is not None and findings.success is not None
+    assert findings.success.line_no == 41
+
+
+def test_candidate_inside_a_traceback_falls_back(tmp_path: Path) -> None:
+    # "results saved" as a frame line of a traceback is not a success: the fast path must
+    # not decide it from the line alone
+    log = tmp_path / "tb.err"
+    log.write_bytes(
+        NOISE * 5
+        + b"Traceback (most recent call last):\n    save('results saved')\nValueError: x\n\n"
+        + NOISE * 400
+        + b"ERROR: Error code: 503\n"
+    )
+    assert _scan_whole(log, TABLE, window=256) is None
+    findings, _, _ = scan_path(log, TABLE)
+    assert findings.success is None
+
+
+def test_scan_path_uses_the_fast_path_for_big_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(classify, "FAST_MIN_BYTES", 1024)
+    monkeypatch.setattr(classify, "TAIL_WINDOW", 256)
+    log = tmp_path / "big.err"
+    log.write_bytes(NOISE * 300 + b"torch.OutOfMemoryError: CUDA out of memory.\n")
+    calls: list[Path] = []
+    real = classify._scan_whole
+
+    def spy(path: Path, table: classify.SignatureTable, **kw: int) -> object:
+        calls.append(path)
+        return real(path, table, **kw)
+
+    monkeypatch.setattr(classify, "_scan_whole", spy)
+    findings, end, _ = scan_path(log, TABLE)
+    assert calls == [log]
+    assert (findings, end) == _forward(log)
+
+
+FRAGMENTS = [
+    b"Traceback (most recent call last):\n",
+    b'  File "x.py", line 3, in f\n',
+    b"    raise X\n",
+    b"anthropic.RateLimitError: Error code: 429\n",
+    b"KeyError: 'a'\n",
+    b"RuntimeError: request failed\n",
+    b"\nDuring handling of the above exception, another exception occurred:\n\n",
+    b"The above exception was the direct cause of the following exception:\n",
+    b"ERROR:root:Error code: 503\n",
+    b"ERROR 2026 worker: connection reset by peer\n",
+    b"INFO:httpx:HTTP/1.1 429 Too Many Requests\n",
+    b"slurmstepd: error: *** JOB 9 ON n CANCELLED AT 2026-01-01T00:00:00 DUE TO TIME LIMIT ***\n",
+    b"srun: error: n1: task 0: Out Of Memory\n",
+    b"/var/spool/slurmd/job9/slurm_script: line 12: 4242 Killed python run.py\n",
+    b"Killed\n",
+    b"Exception ignored in: <function f>\n",
+    b"  | ExceptionGroup: x (1 sub-exception)\n",
+    b"  +-+---- 1 ----\n",
+    b"    | Traceback (most recent call last):\n",
+    b"results saved\n",
+    b"\xe2\x9c\x85 CONSENSUS REACHED\n",
+    b"save \xe2\x84\xaa RESULTS SAVED\n",
+    b"\r 45%|####  | 429/1000\r",
+    b"\xff\xfe\x00",
+    b"x" * 300 + b"\n",
+    b"\n",
+    *NOISE.splitlines(keepends=True),
+]
+
+log_bytes = st.lists(
+    st.one_of(
+        st.sampled_from(FRAGMENTS),
+        st.sampled_from(NOISE.splitlines(keepends=True)),
+        st.binary(max_size=30),
+        st.builds(lambda n: NOISE * n, st.integers(min_value=1, max_value=30)),
+    ),
+    max_size=60,
+).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=log_bytes, window=st.sampled_from([32, 100, 400, 1500]))
+def test_generated_logs_same_findings(
+    data: bytes, window: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    log = tmp_path_factory.mktemp("w") / "gen.err"
+    log.write_bytes(data)
+    _check(log, window)
