@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 PARALLEL_MIN_FILES = 400
 PARALLEL_MIN_BYTES = 64 << 20
 PROGRESS_INTERVAL_S = 0.2
+# Work units for the pool: up to this many small jobs, a job this big goes alone.
+BATCH_JOBS = 64
+BATCH_MAX_BYTES = 8 << 20
 
 
 @dataclass(slots=True)
@@ -166,11 +169,17 @@ class AnalyzeResult:
 _WORKER_TABLE: SignatureTable | None = None
 
 
+_WORKER_SETTINGS: ClassifySettings | None = None
+
+
 def _init_worker(classify_settings: ClassifySettings) -> None:
-    global _WORKER_TABLE
+    global _WORKER_TABLE, _WORKER_SETTINGS
     from .classify import build_table
 
+    if _WORKER_TABLE is not None and _WORKER_SETTINGS == classify_settings:
+        return  # inherited from the parent through fork
     _WORKER_TABLE = build_table(classify_settings)
+    _WORKER_SETTINGS = classify_settings
 
 
 def _scan_files(paths: Sequence[Path]) -> list[ScanFindings | str]:
@@ -190,6 +199,42 @@ def _scan_files(paths: Sequence[Path]) -> list[ScanFindings | str]:
     return out
 
 
+def _size(paths: Sequence[Path]) -> int:
+    total = 0
+    for p in paths:
+        try:
+            total += p.stat().st_size
+        except OSError:
+            pass  # reported when it is read
+    return total
+
+
+def _batches(jobs: Sequence[JobLogs]) -> list[list[int]]:
+    """Job indices grouped for the workers, biggest work first: a big job alone (its file
+    takes a worker for a while), small ones in runs of BATCH_JOBS (one pickle round trip
+    per batch instead of per job)."""
+    sized = [(_size(job.paths), i) for i, job in enumerate(jobs)]
+    big = sorted(((n, i) for n, i in sized if n >= BATCH_MAX_BYTES), reverse=True)
+    out: list[list[int]] = [[i] for _n, i in big]
+    run: list[int] = []
+    run_bytes = 0
+    for n, i in sized:
+        if n >= BATCH_MAX_BYTES:
+            continue
+        run.append(i)
+        run_bytes += n
+        if len(run) >= BATCH_JOBS or run_bytes >= BATCH_MAX_BYTES:
+            out.append(run)
+            run, run_bytes = [], 0
+    if run:
+        out.append(run)
+    return out
+
+
+def _scan_batch(batch: Sequence[Sequence[Path]]) -> list[list[ScanFindings | str]]:
+    return [_scan_files(paths) for paths in batch]
+
+
 def _scan_all(
     jobs: Sequence[JobLogs],
     settings: Settings,
@@ -200,23 +245,33 @@ def _scan_all(
     parallel = (os.cpu_count() or 1) > 1 and (
         len(jobs) >= PARALLEL_MIN_FILES or total_bytes >= PARALLEL_MIN_BYTES
     )
-    batches = [job.paths for job in jobs]
+    # Built before the pool: forked workers inherit it instead of compiling their own.
+    _init_worker(settings.classify)
     if not parallel:
-        _init_worker(settings.classify)
-        for i, paths in enumerate(batches):
-            yield _scan_files(paths)
+        for i, job in enumerate(jobs):
+            yield _scan_files(job.paths)
             progress(i + 1)
         return
     workers = min(os.cpu_count() or 1, 8)
-    # Big files first would balance better, but order of results must follow jobs; small
-    # chunks keep a worker stuck on one huge file from holding many small ones hostage.
+    batches = _batches(jobs)
+    results: dict[int, list[ScanFindings | str]] = {}
     with ProcessPoolExecutor(
         max_workers=workers, initializer=_init_worker, initargs=(settings.classify,)
     ) as pool:
-        chunk = 1 if total_bytes >= PARALLEL_MIN_BYTES else 16
-        for i, result in enumerate(pool.map(_scan_files, batches, chunksize=chunk)):
-            yield result
-            progress(i + 1)
+        futures = {
+            pool.submit(_scan_batch, [jobs[i].paths for i in batch]): batch for batch in batches
+        }
+        # results are handed out in job order as soon as the next one is in
+        pending = dict(futures)
+        done = 0
+        for future in as_completed(futures):
+            batch = pending.pop(future)
+            for i, r in zip(batch, future.result(), strict=True):
+                results[i] = r
+            while done in results:
+                yield results.pop(done)
+                done += 1
+                progress(done)
 
 
 class _Progress:
