@@ -259,7 +259,8 @@ def _safe(report: TickReport, stage: str, fn: Callable[[], object]) -> None:
 def _saver(ctx: TickContext, report: TickReport) -> Callable[[], None]:
     def save() -> None:
         try:
-            if ctx.store.save(ctx.ledger):
+            # the tick's clock, not the wall's: retention must follow the time the tick uses
+            if ctx.store.save(ctx.ledger, now=ctx.clock()):
                 report.saved = True
         except LedgerError as exc:
             report.ledger_unwritable = True
