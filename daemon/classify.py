@@ -452,7 +452,9 @@ def _compile_prefilter(pattern: bytes) -> Any:
         return re.compile(pattern)
 
 
-def _compile_candidates(markers: Sequence[str]) -> Callable[[bytes, int, int], int] | None:
+def _compile_candidates(
+    markers: Sequence[str], extra: Sequence[bytes] = ()
+) -> Callable[[bytes, int, int], int] | None:
     """A finder for lines that can carry a success marker, a Slurm line or a traceback
     header: the only lines before the tail of a big file that can change its findings.
 
@@ -463,7 +465,7 @@ def _compile_candidates(markers: Sequence[str]) -> Callable[[bytes, int, int], i
         re2 = importlib.import_module("re2")
     except ImportError:
         return None
-    parts = [rb"Traceback", rb"slurm", rb"\*\*\* ", rb"Killed", rb"s(?:run|alloc|batch): "]
+    parts = [rb"Traceback", rb"slurm", rb"\*\*\* ", rb"Killed", rb"s(?:run|alloc|batch): ", *extra]
     for marker in markers:
         for ch in marker:
             if not ch.isascii() and (ch.isalpha() or ch == "\ufffd" or ch.isspace()):
@@ -539,6 +541,26 @@ def _level(text: str) -> str | None:
     return m.group(1) if m is not None else None
 
 
+_LEVEL_B = re.compile(_LEVEL.pattern.encode("ascii"))
+_GLOG_B = re.compile(_GLOG.pattern.encode("ascii"))
+_INFO_LEVELS = frozenset({"DEBUG", "INFO", "NOTICE", "WARNING", "WARN", "TRACE"})
+_INFO_LEVELS_B = frozenset(w.encode("ascii") for w in _INFO_LEVELS)
+_LEVEL_WORDS_B = tuple(w.encode("ascii") for w in _LEVEL_WORDS)
+
+
+def _informational_ascii(head: bytes) -> bool:
+    """``_is_informational`` for a line whose first 120 bytes ``head`` are ASCII (then the
+    decoded text starts with the same characters)."""
+    if head[:1] in (b"I", b"W", b"E", b"F") and head[1:5].isdigit():
+        g = _GLOG_B.match(head)
+        if g is not None:
+            return g.group(1) in (b"I", b"W")
+    if not any(w in head for w in _LEVEL_WORDS_B):
+        return False
+    m = _LEVEL_B.search(head)
+    return m is not None and m.group(1) in _INFO_LEVELS_B
+
+
 def _is_informational(text: str) -> bool:
     level = _level(text)
     return level is not None and level in {"DEBUG", "INFO", "NOTICE", "WARNING", "WARN", "TRACE"}
@@ -565,6 +587,9 @@ class SignatureTable:
     # whole-file fast path (scan_path): finds lines that may be Slurm's, a success marker
     # or a traceback header; None when it cannot be built exactly (no RE2, odd markers)
     candidates_find: Callable[[bytes, int, int], int] | None = field(default=None, repr=False)
+    # candidates plus chain/"ignored" words: a line without any of these that has an
+    # informational level is skipped before decoding (LogScanner._block)
+    busy_find: Callable[[bytes, int, int], int] | None = field(default=None, repr=False)
 
     def match(self, text: str, *, final: bool) -> tuple[Signature, re.Match[str]] | None:
         """First signature matching ``text``; ``final`` admits final_error signatures."""
@@ -639,6 +664,10 @@ def build_table(settings: ClassifySettings) -> SignatureTable:
         always=always,
         prefilter_find=_finder(prefilter),
         candidates_find=_compile_candidates(markers),
+        # what makes an informational line matter before its level is looked at (_scan)
+        busy_find=_compile_candidates(
+            markers, [rb"above exception", rb"gnored", rb"retrieved", rb"Unclosed", rb"atexit"]
+        ),
     )
 
 
@@ -860,6 +889,7 @@ class LogScanner:
     def _block(self, buf: bytes, pos: int, end: int) -> None:
         """Complete lines in ``buf[pos:end]`` (``end`` just after a newline)."""
         find = self.table.prefilter_find or _finder(self.table.prefilter)
+        busy = self.table.busy_find
         while pos < end:
             if self._mode != _SCAN:
                 nl = buf.find(b"\n", pos, end)
@@ -879,7 +909,15 @@ class LogScanner:
             if le - ls > MAX_LINE_BYTES:
                 # the hit may lie past the cut: _line checks the part that is kept
                 self._line(buf[ls : ls + MAX_LINE_BYTES], self._lines)
-            else:
+            elif not (
+                # an INFO/DEBUG/WARNING line (access logs, retry notices) that _scan would
+                # drop: decided on the bytes, without decoding or a Python call per check
+                busy is not None
+                and buf.find(b"\r", ls, le) < 0
+                and buf[ls : min(le, ls + 120)].isascii()
+                and _informational_ascii(buf[ls : min(le, ls + 120)])
+                and busy(buf, ls, le) < 0
+            ):
                 self._line_hit(buf[ls:le], self._lines)
             pos = le + 1
 
