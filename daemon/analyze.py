@@ -182,7 +182,7 @@ def _init_worker(classify_settings: ClassifySettings) -> None:
     _WORKER_SETTINGS = classify_settings
 
 
-def _scan_files(paths: Sequence[Path]) -> list[ScanFindings | str]:
+def _scan_files(paths: Sequence[Path | str]) -> list[ScanFindings | str]:
     """Findings per file, or an error message for a file that could not be read."""
     from .classify import scan_path
 
@@ -199,9 +199,11 @@ def _scan_files(paths: Sequence[Path]) -> list[ScanFindings | str]:
     return out
 
 
-def _size(paths: Sequence[Path]) -> int:
+def _size(job: JobLogs) -> int:
+    if job.size:
+        return job.size
     total = 0
-    for p in paths:
+    for p in job.paths:
         try:
             total += p.stat().st_size
         except OSError:
@@ -213,7 +215,7 @@ def _batches(jobs: Sequence[JobLogs]) -> list[list[int]]:
     """Job indices grouped for the workers, biggest work first: a big job alone (its file
     takes a worker for a while), small ones in runs of BATCH_JOBS (one pickle round trip
     per batch instead of per job)."""
-    sized = [(_size(job.paths), i) for i, job in enumerate(jobs)]
+    sized = [(_size(job), i) for i, job in enumerate(jobs)]
     big = sorted(((n, i) for n, i in sized if n >= BATCH_MAX_BYTES), reverse=True)
     out: list[list[int]] = [[i] for _n, i in big]
     run: list[int] = []
@@ -231,7 +233,7 @@ def _batches(jobs: Sequence[JobLogs]) -> list[list[int]]:
     return out
 
 
-def _scan_batch(batch: Sequence[Sequence[Path]]) -> list[list[ScanFindings | str]]:
+def _scan_batch(batch: Sequence[Sequence[str]]) -> list[list[ScanFindings | str]]:
     return [_scan_files(paths) for paths in batch]
 
 
@@ -259,7 +261,9 @@ def _scan_all(
         max_workers=workers, initializer=_init_worker, initargs=(settings.classify,)
     ) as pool:
         futures = {
-            pool.submit(_scan_batch, [jobs[i].paths for i in batch]): batch for batch in batches
+            # strings: a Path pickles as its parts and is parsed again on the other side
+            pool.submit(_scan_batch, [[str(p) for p in jobs[i].paths] for i in batch]): batch
+            for batch in batches
         }
         # results are handed out in job order as soon as the next one is in
         pending = dict(futures)
