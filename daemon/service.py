@@ -112,6 +112,26 @@ class TickContext:
         return self.table
 
 
+def _slurm_anchor(rows: list[SacctRow], previous: datetime | None) -> datetime | None:
+    """The latest time Slurm itself reported: where the next sacct window starts.
+
+    Anchored on the controller's clock, not ours: if the login node's clock runs ahead,
+    ``sacct -S <our now>`` would ask Slurm for its future and miss every job that ends
+    meanwhile. Never moves backwards; unchanged when Slurm reported nothing.
+    """
+    latest = previous
+    for row in rows:
+        # only times that have happened: a pending job's Start can be a forecast
+        # (--begin), which would push the window into the future
+        seen = [row.submit, row.end if row.finished else None]
+        if row.state == "RUNNING":
+            seen.append(row.start)
+        for ts in seen:
+            if ts is not None and (latest is None or ts > latest):
+                latest = ts
+    return latest
+
+
 def _sacct_window_start(health: Health, settings: Settings, now: datetime) -> datetime:
     last = parse_iso(health.sacct_window_start)
     if last is None:
@@ -173,7 +193,9 @@ def tick(ctx: TickContext) -> TickReport:
         _mark_vanished(ctx, rows, queue, now)
         # advance the window only after a successful sacct: a failing tick re-asks next time.
         # Not a reason to rewrite the ledger: the heartbeat carries it between saves.
-        health.sacct_window_start = iso(now)
+        anchor = _slurm_anchor(rows, parse_iso(health.sacct_window_start))
+        if anchor is not None:
+            health.sacct_window_start = iso(anchor)
 
     # 5. act: resubmit, then notify (the digest says what resubmission did)
     save = _saver(ctx, report)

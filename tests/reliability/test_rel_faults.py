@@ -369,23 +369,11 @@ def test_read_only_state_folder_is_a_clear_error_and_the_ledger_survives(
 # --------------------------------------------------------------------------- the clock
 
 
-_FORWARD_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "service.tick: the sacct window start is the daemon's own clock; while the login "
-        "node's clock runs ahead of the controller's, `sacct -S` asks for Slurm's future, "
-        "finished jobs are not returned and _mark_vanished (2 h by the local clock) records "
-        "them as VANISHED/unknown: their failure is never reported. Needs the window "
-        "anchored on Slurm's clock (row times) - reported to the lead."
-    ),
-)
-
-
 @pytest.mark.parametrize(
     "jump",
     [
-        pytest.param(timedelta(hours=3), id="forward-3h", marks=_FORWARD_XFAIL),
-        pytest.param(timedelta(days=2), id="forward-2d", marks=_FORWARD_XFAIL),
+        pytest.param(timedelta(hours=3), id="forward-3h"),
+        pytest.param(timedelta(days=2), id="forward-2d"),
         pytest.param(-timedelta(hours=2), id="backward-2h"),
         pytest.param(-timedelta(days=1), id="backward-1d"),
     ],
