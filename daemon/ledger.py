@@ -23,7 +23,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     _orjson = None  # type: ignore[assignment]
 
 from .records import Health, JobRecord, LogCursor, OutboxMessage, ResubmitState, SubmitIntent
+from .timeutil import iso, parse_iso, utcnow
 
 SCHEMA_VERSION = 2
 LEDGER_NAME = "ledger.json"
@@ -55,28 +56,6 @@ OUTBOX_DONE_STATES = frozenset({"sent", "dead"})
 INTENT_DONE_STATES = frozenset({"submitted", "failed", "abandoned", "dry_run"})
 
 R = TypeVar("R")
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def iso(dt: datetime) -> str:
-    """ISO 8601 UTC with seconds, the format every ledger timestamp uses."""
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).isoformat(timespec="seconds")
-
-
-def parse_iso(text: str | None) -> datetime | None:
-    """Lenient: a malformed timestamp is treated as absent rather than crashing retention."""
-    if not text:
-        return None
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
 
 
 @dataclass

@@ -60,6 +60,8 @@ from .notify_build import (
     dedup_hash,
 )
 from .records import JobRecord, OutboxMessage
+from .timeutil import iso as _iso
+from .timeutil import parse_iso as _parse
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -134,23 +136,9 @@ def _explain(error: str) -> str:
     return f"{error}: {EXPLAIN[error]}" if error in EXPLAIN else error
 
 
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).isoformat(timespec="seconds")
-
-
 def _iso_precise(dt: datetime) -> str:
     # send times drive the 1-msg/s limit: seconds resolution would let two sends in one second
     return dt.astimezone(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _parse(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
 
 
 class LedgerLike(Protocol):

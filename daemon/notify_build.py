@@ -13,12 +13,13 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import timezone
 from pathlib import PurePath
 from typing import Any
 
 from .model import compress_ranges, expand_ranges
 from .records import JobRecord
+from .timeutil import parse_iso as _parse_time
 
 MAX_HEADER = 150
 MAX_SECTION = 3000
@@ -68,16 +69,6 @@ def code(text: str) -> str:
 def dedup_hash(keys: Iterable[str]) -> str:
     joined = "\n".join(sorted(set(keys)))
     return hashlib.sha256(joined.encode("utf-8")).hexdigest()[:16]
-
-
-def _parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
 
 
 def fmt_time(text: str | None, *, rich: bool) -> str:

@@ -42,6 +42,8 @@ from .submitline import (
     parse_submit_line,
     parse_time_s,
 )
+from .timeutil import iso as _iso
+from .timeutil import parse_iso as _parse_iso
 
 if TYPE_CHECKING:
     from .slurm import Runner
@@ -74,22 +76,6 @@ class LedgerView(Protocol):
     resubmit: ResubmitState
 
     def mark_dirty(self) -> None: ...
-
-
-def _iso(dt: datetime) -> str:
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).isoformat(timespec="seconds")
-
-
-def _parse_iso(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
 
 
 def _error_type(rec: JobRecord) -> ErrorType | None:

@@ -24,6 +24,8 @@ from .errors import EXIT_FAILURE, EXIT_OK, LedgerError, SlurmError, TriageError
 from .faults import crash_point
 from .model import ACTIVE_STATES, Outcome, SacctRow, SqueueRow, TaskKey
 from .records import Health, JobRecord, LogCursor
+from .timeutil import iso_or_none as iso
+from .timeutil import parse_iso, utcnow
 
 if TYPE_CHECKING:
     from .ledger import Ledger, LedgerStore
@@ -36,24 +38,6 @@ Clock = Callable[[], datetime]
 _PLACEHOLDER_NAMES = frozenset({"", "allocation"})
 # a job seen active that then disappears from both sacct and squeue for this long is "vanished"
 _VANISH_AFTER = timedelta(hours=2)
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def iso(ts: datetime | None) -> str | None:
-    return ts.astimezone(timezone.utc).isoformat(timespec="seconds") if ts else None
-
-
-def parse_iso(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        ts = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
 
 
 def current_user(settings: Settings) -> str:
