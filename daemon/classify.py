@@ -69,6 +69,10 @@ import base64
 import importlib
 import os
 import re
+import resource
+import shutil
+import subprocess
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -482,6 +486,38 @@ def _compile_candidates(
         return None
 
 
+_ERE_SPECIAL = frozenset(b"\\.[]()*+?{}|^$")
+
+
+def _candidates_ere(markers: Sequence[str]) -> bytes | None:
+    """``_compile_candidates`` as an ERE for ``LC_ALL=C grep -E``: it must find every line
+    the RE2 finder must find (it may find more or fewer of the others: each line grep
+    reports is checked again with the RE2 finder). Case-insensitive markers become
+    ``[Rr][Ee]...``; any other byte is literal in the C locale."""
+    parts = [b"Traceback", b"slurm", b"\\*\\*\\* ", b"Killed", b"s(run|alloc|batch): "]
+    for marker in markers:
+        if "\n" in marker or "\0" in marker:
+            return None  # cannot be passed to grep as one pattern
+        for ch in marker:
+            if not ch.isascii() and (ch.isalpha() or ch == "\ufffd" or ch.isspace()):
+                return None
+        out = bytearray()
+        for ch in marker:
+            if ch.isascii() and ch.isalpha():
+                out += f"[{ch.upper()}{ch.lower()}]".encode("ascii")
+                continue
+            for byte in ch.encode("utf-8"):
+                if byte in _ERE_SPECIAL:
+                    out.append(0x5C)
+                out.append(byte)
+        parts.append(bytes(out))
+        if "k" in marker:
+            parts.append("\u212a".encode())
+        if "i" in marker:
+            parts.append("\u0130".encode())
+    return b"|".join(parts)
+
+
 _TB_HEADER = re.compile(r"(?:Exception Group )?Traceback \(most recent call last\):")
 _CHAIN = re.compile(
     r"During handling of the above exception, another exception occurred"
@@ -587,6 +623,9 @@ class SignatureTable:
     # whole-file fast path (scan_path): finds lines that may be Slurm's, a success marker
     # or a traceback header; None when it cannot be built exactly (no RE2, odd markers)
     candidates_find: Callable[[bytes, int, int], int] | None = field(default=None, repr=False)
+    # the same candidates as a POSIX ERE for GNU grep (LC_ALL=C), a faster search over a
+    # big file's head; None when grep could miss one (see _candidates_ere)
+    candidates_ere: bytes | None = field(default=None, repr=False)
     # candidates plus chain/"ignored" words: a line without any of these that has an
     # informational level is skipped before decoding (LogScanner._block)
     busy_find: Callable[[bytes, int, int], int] | None = field(default=None, repr=False)
@@ -664,6 +703,7 @@ def build_table(settings: ClassifySettings) -> SignatureTable:
         always=always,
         prefilter_find=_finder(prefilter),
         candidates_find=_compile_candidates(markers),
+        candidates_ere=_candidates_ere(markers),
         # what makes an informational line matter before its level is looked at (_scan)
         busy_find=_compile_candidates(
             markers, [rb"above exception", rb"gnored", rb"retrieved", rb"Unclosed", rb"atexit"]
@@ -1189,6 +1229,8 @@ TB_REACH = MAX_FRAME_LINES + MAX_CONTINUATION + 16
 # Quiet lines (``_is_quiet``) before the tail: the joining rules look back at most 3 lines.
 QUIET_LINES = 4
 MAX_HEAD_CANDIDATES = 20_000
+# GNU grep finds the head's candidate lines when installed (tests turn it off to compare)
+USE_GREP = True
 _PROBE_BYTES = 256 << 10
 
 
@@ -1242,6 +1284,27 @@ def _tail_scan(fh: Any, table: SignatureTable, source: str, q: int, base: int) -
     return scanner
 
 
+class _Picker:
+    """Collects the candidate lines of a big file's head, in file order."""
+
+    def __init__(self, find: Callable[[bytes, int, int], int]) -> None:
+        self.find = find
+        self.out: list[tuple[int, bytes]] = []
+        self.last_tb = -TB_REACH - 1
+
+    def take(self, raw: bytes, line_no: int) -> bool:
+        """False when the fast path cannot be exact (a candidate that may sit inside a
+        traceback, or too many of them)."""
+        if self.find(raw, 0, len(raw)) < 0:
+            return True
+        if line_no - self.last_tb <= TB_REACH or len(self.out) >= MAX_HEAD_CANDIDATES:
+            return False
+        if b"Traceback" in raw:
+            self.last_tb = line_no
+        self.out.append((line_no, raw))
+        return True
+
+
 def _head_lines(
     fh: Any, table: SignatureTable, q: int
 ) -> tuple[int, list[tuple[int, bytes]]] | None:
@@ -1249,21 +1312,10 @@ def _head_lines(
     or None when a candidate may sit inside a traceback or there are too many."""
     find = table.candidates_find
     assert find is not None
-    out: list[tuple[int, bytes]] = []
+    picker = _Picker(find)
+    take, out = picker.take, picker.out
     lines = 0  # newlines before the current chunk
-    last_tb = -TB_REACH - 1
     carry: bytes | None = None  # start of a line begun in an earlier chunk
-
-    def take(raw: bytes, line_no: int) -> bool:
-        nonlocal last_tb
-        if find(raw, 0, len(raw)) < 0:
-            return True
-        if line_no - last_tb <= TB_REACH or len(out) >= MAX_HEAD_CANDIDATES:
-            return False
-        if b"Traceback" in raw:
-            last_tb = line_no
-        out.append((line_no, raw))
-        return True
 
     fh.seek(0)
     pos_abs = 0
@@ -1306,6 +1358,109 @@ def _head_lines(
     return lines, out
 
 
+# GNU grep over a big file's head (``_grep_head_lines``): its address space is capped (a
+# file of one endless line would make grep buffer all of it) and its run time bounded.
+GREP_MEMORY_LIMIT = 256 << 20
+GREP_TIMEOUT_S = 30.0
+GREP_SECONDS_PER_GB = 60.0
+_TOOLS: dict[str, str | None] = {}
+
+
+def _tool(name: str) -> str | None:
+    if name not in _TOOLS:
+        _TOOLS[name] = shutil.which(name)
+    return _TOOLS[name]
+
+
+def _limit_memory() -> None:  # pragma: no cover - runs in the child before exec
+    resource.setrlimit(resource.RLIMIT_AS, (GREP_MEMORY_LIMIT, GREP_MEMORY_LIMIT))
+
+
+def _grep_head_lines(
+    fh: Any, table: SignatureTable, q: int, size: int, path: str
+) -> tuple[int, list[tuple[int, bytes]]] | Literal[False] | None:
+    """``_head_lines`` with GNU grep finding the candidate lines (about 2x faster than the
+    RE2 finder over hundreds of MB) and ``wc -l`` counting the newlines (SIMD; Python's
+    ``bytes.count`` is ~0.6 ns/byte). Every line grep reports is checked again with the
+    RE2 finder on the bytes the scanner would see, so the candidates are exactly those of
+    ``_head_lines``. False: grep or wc is missing or failed, use ``_head_lines``."""
+    ere = table.candidates_ere
+    grep, wc = _tool("grep"), _tool("wc")
+    if ere is None or grep is None or wc is None or table.candidates_find is None:
+        return False
+    env = {"LC_ALL": "C", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    timeout = GREP_TIMEOUT_S + GREP_SECONDS_PER_GB * size / 2**30
+    picker = _Picker(table.candidates_find)
+    try:
+        counter = subprocess.Popen(
+            [wc, "-lc", "--", path], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+        )
+    except OSError:
+        return False
+    try:
+        proc = subprocess.Popen(
+            [grep, "-a", "-n", "-b", "-E", "-e", ere, "--", path],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=_limit_memory,
+        )
+    except OSError:
+        counter.kill()
+        counter.wait()
+        return False
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    stopped = ok = False
+    try:
+        assert proc.stdout is not None
+        out = proc.stdout
+        while True:
+            rec = out.readline(MAX_LINE_BYTES + 64)
+            if not rec:
+                break
+            if not rec.endswith(b"\n"):
+                # a long line: keep its start, drop the rest up to the newline
+                while (more := out.readline(1 << 20)) and not more.endswith(b"\n"):
+                    pass
+            line_text, off_text, raw = rec.rstrip(b"\n").split(b":", 2)
+            if int(off_text) >= q:
+                stopped = True  # grep's output is in file order: the rest is the tail
+                break
+            if not picker.take(raw[:MAX_LINE_BYTES], int(line_text)):
+                return None
+        ok = True
+    except ValueError:
+        return False  # not grep's "N:OFFSET:line" output
+    finally:
+        killer.cancel()
+        if not ok or stopped:
+            proc.kill()
+        rc = proc.wait()
+        try:
+            counted, _ = counter.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            counter.kill()
+            counter.wait()
+            counted = b""
+    if not stopped and rc not in (0, 1):
+        return False  # killed by the timeout, out of memory, unreadable file
+    fields = counted.split()
+    if counter.returncode != 0 or len(fields) < 2 or int(fields[1]) != size:
+        return False  # the file changed meanwhile
+    tail_lines = 0
+    fh.seek(q)
+    pos = q
+    while pos < size:
+        chunk = fh.read(min(READ_CHUNK, size - pos))
+        if not chunk:
+            return False
+        tail_lines += chunk.count(b"\n")
+        pos += len(chunk)
+    return int(fields[0]) - tail_lines, picker.out
+
+
 def _scan_whole(
     path: Path | str,
     table: SignatureTable,
@@ -1339,7 +1494,9 @@ def _scan_whole(
                 if probe._final is not None and not probe._hazard:
                     break
             window *= 2
-        head = _head_lines(fh, table, q)
+        head = _grep_head_lines(fh, table, q, size, source) if USE_GREP else False
+        if head is False:
+            head = _head_lines(fh, table, q)
         if head is None:
             return None
         base, candidates = head

@@ -29,11 +29,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def small_limits(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Scanner limits small enough that a few-KB file has a head, a tail and margins."""
+@pytest.fixture(autouse=True, params=["grep", "re2"])
+def small_limits(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Scanner limits small enough that a few-KB file has a head, a tail and margins; every
+    test runs with the head searched by GNU grep and by the RE2 finder."""
     monkeypatch.setattr(classify, "MAX_FRAME_LINES", 12)
     monkeypatch.setattr(classify, "TB_REACH", 12 + classify.MAX_CONTINUATION + 16)
+    monkeypatch.setattr(classify, "USE_GREP", request.param == "grep")
     yield
 
 
@@ -199,3 +201,74 @@ def test_generated_logs_same_findings(
     log = tmp_path_factory.mktemp("w") / "gen.err"
     log.write_bytes(data)
     _check(log, window)
+
+
+# --- the grep accelerator for the head (_grep_head_lines) --------------------------------
+
+HEAD_LINES = [
+    b"plain line\n",
+    b"a slurm line\n",
+    b"SLURM_JOB_ID=5 (upper case: not Slurm's)\n",
+    b"x \xe2\x9c\x85 Experiment RESULTS SAVED\n",
+    b"ReSuLtS SaVeD\n",
+    b"results \xe2\x84\xaa saved\n",  # Kelvin sign: lower-cases to an ASCII k
+    b"\xc4\xb0 dotted capital I\n",
+    b"srun: error: n1: task 0: Killed\n",
+    b"*** JOB 9 ON n CANCELLED AT 2026 ***\n",
+    b"result\rs saved\n",
+    b"\xff\xfe results saved\n",
+    b"y" * (70 << 10) + b" results saved\n",  # past the cut the scanner makes
+    b"results saved " + b"z" * (70 << 10) + b"\n",
+    b"1:2:3 colons results saved\n",
+    b"\n",
+]
+
+
+@pytest.mark.skipif(classify._tool("grep") is None, reason="GNU grep not installed")
+def test_grep_head_equals_re2_head(tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(5)
+    body = b"".join(rng.choice(HEAD_LINES) for _ in range(3000))
+    log = tmp_path / "h.err"
+    log.write_bytes(body + b"tail\n" * 50)
+    q = len(body)
+    with open(log, "rb") as fh:
+        via_grep = classify._grep_head_lines(fh, TABLE, q, log.stat().st_size, str(log))
+        via_re2 = classify._head_lines(fh, TABLE, q)
+    assert via_grep is not False, "grep was available but not used"
+    assert via_grep == via_re2
+    assert via_re2 is not None and via_re2[0] == body.count(b"\n")
+    assert len(via_re2[1]) > 1000  # the candidates were really compared
+
+
+def test_grep_missing_falls_back_to_re2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(classify, "USE_GREP", True)
+    monkeypatch.setitem(classify._TOOLS, "grep", None)
+    log = tmp_path / "big.err"
+    log.write_bytes(b"a slurm line\n" + NOISE * 300 + b"ERROR: Error code: 503\n")
+    with open(log, "rb") as fh:
+        assert classify._grep_head_lines(fh, TABLE, 100, log.stat().st_size, str(log)) is False
+    assert _check(log, 256)
+
+
+def test_grep_failing_falls_back_to_re2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a "grep" that fails as GNU grep does on an error: exit status 2, no output
+    fake = tmp_path / "grep"
+    fake.write_text("#!/bin/sh\necho 'grep: memory exhausted' >&2\nexit 2\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(classify, "USE_GREP", True)
+    monkeypatch.setitem(classify._TOOLS, "grep", str(fake))
+    log = tmp_path / "big.err"
+    log.write_bytes(b"a slurm line\n" + NOISE * 300 + b"ERROR: Error code: 503\n")
+    with open(log, "rb") as fh:
+        assert classify._grep_head_lines(fh, TABLE, 100, log.stat().st_size, str(log)) is False
+    assert _check(log, 256)
+
+
+def test_markers_grep_cannot_express_use_re2() -> None:
+    assert classify._candidates_ere(["results saved"]) is not None
+    assert classify._candidates_ere(["done\nnow"]) is None
+    assert classify._candidates_ere(["fertig gespeichert \u00e4"]) is None
+    ere = classify._candidates_ere(["a.b (x)"])
+    assert ere is not None and rb"[Aa]\.[Bb] \([Xx]\)" in ere
