@@ -118,3 +118,78 @@ base_delay_s = 1
         assert _jobs_named(name, since) == {job, new_job}
     finally:
         run(["scancel", *submitted], check=False)
+
+
+def test_kill_after_sbatch_then_restart_submits_once_with_backoff_held_by_slurm(
+    slurm_cluster: None, tmp_path: Path
+) -> None:
+    """The daemon is killed right after sbatch accepted the retry, before it recorded the
+    new job id. The restarted daemon finds the job by its tag (real squeue/sacct Comment)
+    and does not submit again; Slurm itself holds the backoff (--begin)."""
+    import os
+
+    work = tmp_path / "exp"
+    logs = work / "logs"
+    logs.mkdir(parents=True)
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 5))
+    name = f"crashy-{uuid.uuid4().hex[:8]}"
+    job = sbatch(
+        ["--chdir", str(work), "--array=1-2", "--mem=100M", "-J", name,
+         "-o", f"logs/{name}_%A_%a.out", "-e", f"logs/{name}_%A_%a.err"],
+        JOBS_DIR / "flaky.py", cwd=work,
+    )  # fmt: skip
+    submitted = [job]
+    delay_s = 20
+    try:
+        wait_finished([f"{job}_1", f"{job}_2"], timeout=120)
+        state = tmp_path / "state"
+        config = tmp_path / "settings.toml"
+        config.write_text(
+            f"""
+state_dir = "{state}"
+[watch]
+log_dirs = ["{logs}"]
+initial_lookback_s = 600
+[resubmit]
+enabled = true
+jitter_fraction = 0
+[resubmit.types.rate_limit]
+enabled = true
+base_delay_s = {delay_s}
+[resubmit.types.network]
+enabled = true
+base_delay_s = {delay_s}
+"""
+        )
+        env = dict(os.environ, SLURM_TRIAGE_CRASH_AT="resubmit.after_sbatch")
+        killed = triage("run", "--once", "--config", str(config), env=env)
+        assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])
+        new_jobs = _jobs_named(name, since) - {job}
+        submitted.extend(new_jobs)
+        assert len(new_jobs) == 1, new_jobs  # sbatch did accept it before the kill
+        (new_job,) = new_jobs
+
+        again = triage("run", "--once", "--config", str(config))
+        assert again.returncode == 0, again.stderr
+        third = triage("run", "--once", "--config", str(config))
+        assert third.returncode == 0, third.stderr
+        assert _jobs_named(name, since) == {job, new_job}, "resubmitted twice after a crash"
+        ledger = read_ledger(state / "ledger.json")
+        intents = [i for i in ledger.intents.values() if i.origin_job_id == job]
+        assert [i.new_job_id for i in intents] == [new_job]
+        assert ledger.jobs[f"{job}_1"].retried_as == f"{new_job}_1"
+
+        # the backoff is Slurm's: the retry became eligible no sooner than the delay
+        rows = wait_finished([f"{new_job}_1", f"{new_job}_2"], timeout=180)
+        assert {r["State"] for r in rows.values()} == {"COMPLETED"}
+        times = run(
+            ["sacct", "-X", "-n", "-P", "-j", new_job, "-o", "JobID,Submit,Eligible,Start"]
+        ).stdout.split()
+        for line in times:
+            _jid, submit, eligible, start = line.split("|")
+            waited = time.mktime(time.strptime(start, "%Y-%m-%dT%H:%M:%S")) - time.mktime(
+                time.strptime(submit, "%Y-%m-%dT%H:%M:%S")
+            )
+            assert waited >= delay_s - 1, (line, waited)
+    finally:
+        run(["scancel", *submitted], check=False)
