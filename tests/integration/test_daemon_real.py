@@ -185,11 +185,13 @@ base_delay_s = {delay_s}
         times = run(
             ["sacct", "-X", "-n", "-P", "-j", new_job, "-o", "JobID,Submit,Eligible,Start"]
         ).stdout.split()
+
+        def epoch(text: str) -> float:
+            return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+
         for line in times:
             _jid, submit, eligible, start = line.split("|")
-            waited = time.mktime(time.strptime(start, "%Y-%m-%dT%H:%M:%S")) - time.mktime(
-                time.strptime(submit, "%Y-%m-%dT%H:%M:%S")
-            )
-            assert waited >= delay_s - 1, (line, waited)
+            assert epoch(eligible) - epoch(submit) >= delay_s - 1, line
+            assert epoch(start) >= epoch(eligible), line
     finally:
         run(["scancel", *submitted], check=False)
