@@ -184,14 +184,13 @@ def _init_worker(classify_settings: ClassifySettings) -> None:
 
 def _scan_files(paths: Sequence[Path | str]) -> list[ScanFindings | str]:
     """Findings per file, or an error message for a file that could not be read."""
-    from .classify import scan_path
+    from .classify import scan_findings
 
     assert _WORKER_TABLE is not None
     out: list[ScanFindings | str] = []
     for path in paths:
         try:
-            findings, _offset, _state = scan_path(path, _WORKER_TABLE)
-            out.append(findings)
+            out.append(scan_findings(path, _WORKER_TABLE))
         except OSError as exc:
             out.append(f"cannot read {path}: {exc.strerror or exc}")
         except TriageError as exc:

@@ -272,3 +272,32 @@ def test_markers_grep_cannot_express_use_re2() -> None:
     assert classify._candidates_ere(["fertig gespeichert \u00e4"]) is None
     ere = classify._candidates_ere(["a.b (x)"])
     assert ere is not None and rb"[Aa]\.[Bb] \([Xx]\)" in ere
+
+
+# --- scan_findings: analyze's reader for whole files -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path", sorted(FIXTURES.rglob("*.*")), ids=lambda p: str(p.relative_to(FIXTURES))
+)
+def test_scan_findings_equals_scan_path(path: Path) -> None:
+    assert classify.scan_findings(path, TABLE) == scan_path(path, TABLE)[0]
+
+
+def test_scan_findings_errors_are_scan_paths(tmp_path: Path) -> None:
+    from daemon.errors import InputError
+
+    for bad in (tmp_path / "missing.err", tmp_path):
+        with pytest.raises(InputError) as got:
+            classify.scan_findings(bad, TABLE)
+        with pytest.raises(InputError) as want:
+            scan_path(bad, TABLE)
+        assert str(got.value) == str(want.value)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=log_bytes)
+def test_scan_findings_generated(data: bytes, tmp_path_factory: pytest.TempPathFactory) -> None:
+    log = tmp_path_factory.mktemp("f") / "gen.err"
+    log.write_bytes(data)
+    assert classify.scan_findings(log, TABLE) == scan_path(log, TABLE)[0]
