@@ -1360,7 +1360,9 @@ def _head_lines(
 
 # GNU grep over a big file's head (``_grep_head_lines``): its address space is capped (a
 # file of one endless line would make grep buffer all of it) and its run time bounded.
-GREP_MEMORY_LIMIT = 256 << 20
+# grep needs ~10 MB of address space; 32 MB lets it hold lines of ~20 MB, and a longer one
+# makes it fail ("memory exhausted", status 2): the RE2 path then reads the head instead
+GREP_MEMORY_LIMIT = 32 << 20
 GREP_TIMEOUT_S = 30.0
 GREP_SECONDS_PER_GB = 60.0
 _TOOLS: dict[str, str | None] = {}

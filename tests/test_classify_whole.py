@@ -301,3 +301,18 @@ def test_scan_findings_generated(data: bytes, tmp_path_factory: pytest.TempPathF
     log = tmp_path_factory.mktemp("f") / "gen.err"
     log.write_bytes(data)
     assert classify.scan_findings(log, TABLE) == scan_path(log, TABLE)[0]
+
+
+@pytest.mark.skipif(classify._tool("grep") is None, reason="GNU grep not installed")
+def test_grep_out_of_memory_on_a_huge_line_falls_back(tmp_path: Path) -> None:
+    # a head line longer than grep may buffer under its address-space cap
+    log = tmp_path / "long.err"
+    log.write_bytes(
+        b"x" * (48 << 20) + b"\n" + b"a slurm line\n" + NOISE * 300 + b"KeyError: 'k'\n"
+    )
+    size = log.stat().st_size
+    q = size - len(NOISE * 300 + b"KeyError: 'k'\n")
+    with open(log, "rb") as fh:
+        assert classify._grep_head_lines(fh, TABLE, q, size, str(log)) is False
+        via_re2 = classify._head_lines(fh, TABLE, q)
+    assert via_re2 is not None and [n for n, _ in via_re2[1]] == [2]
