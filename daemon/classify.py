@@ -1391,21 +1391,30 @@ def _grep_head_lines(
     if ere is None or grep is None or wc is None or table.candidates_find is None:
         return False
     env = {"LC_ALL": "C", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    # the file already open, not its name: the same inode even if the log is rotated
+    # meanwhile (opening /dev/fd/N gives grep its own offset); ``path`` names it in errors
+    fd = fh.fileno()
+    src = f"/dev/fd/{fd}" if os.path.exists(f"/dev/fd/{fd}") else path
     timeout = GREP_TIMEOUT_S + GREP_SECONDS_PER_GB * size / 2**30
     picker = _Picker(table.candidates_find)
     try:
         counter = subprocess.Popen(
-            [wc, "-lc", "--", path], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+            [wc, "-lc", "--", src],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            pass_fds=(fd,),
         )
     except OSError:
         return False
     try:
         proc = subprocess.Popen(
-            [grep, "-a", "-n", "-b", "-E", "-e", ere, "--", path],
+            [grep, "-a", "-n", "-b", "-E", "-e", ere, "--", src],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
             env=env,
+            pass_fds=(fd,),
             preexec_fn=_limit_memory,
         )
     except OSError:

@@ -9,6 +9,7 @@ near tracebacks, window doubling)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -316,3 +317,18 @@ def test_grep_out_of_memory_on_a_huge_line_falls_back(tmp_path: Path) -> None:
         assert classify._grep_head_lines(fh, TABLE, q, size, str(log)) is False
         via_re2 = classify._head_lines(fh, TABLE, q)
     assert via_re2 is not None and [n for n, _ in via_re2[1]] == [2]
+
+
+@pytest.mark.skipif(classify._tool("grep") is None, reason="GNU grep not installed")
+def test_grep_reads_the_open_file_not_a_rotated_one(tmp_path: Path) -> None:
+    log = tmp_path / "rot.err"
+    body = b"a slurm line\n" + NOISE * 50
+    log.write_bytes(body + b"tail\n")
+    with open(log, "rb") as fh:
+        replacement = tmp_path / "new.err"
+        replacement.write_bytes(NOISE * 80 + b"Killed\n" + b"tail\n")
+        os.replace(replacement, log)  # rotated after the scan opened it
+        got = classify._grep_head_lines(fh, TABLE, len(body), len(body) + 5, str(log))
+        assert got is not False
+        assert got == classify._head_lines(fh, TABLE, len(body))
+        assert got is not None and [n for n, _ in got[1]] == [1]
