@@ -167,9 +167,10 @@ def _tree_rss_kb(pid: int) -> int:
     return total
 
 
-def measure(argv: list[str]) -> tuple[float, int, int, int]:
-    """(seconds, peak tree RSS kB, largest single-process max RSS kB, rc)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def measure(argv: list[str]) -> tuple[float, float, int, int, int]:
+    """(seconds, CPU seconds, peak tree RSS kB, largest single-process max RSS kB, rc)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_before = usage.ru_utime + usage.ru_stime
     start = time.perf_counter()
     # Not DEVNULL: GNU grep stops at the first match when its output is /dev/null.
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -188,12 +189,14 @@ def measure(argv: list[str]) -> tuple[float, int, int, int]:
     elapsed = time.perf_counter() - start
     done.set()
     sampler.join()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode not in (0, 1):  # grep -c exits 1 when a file has no match
         sys.stderr.write(err.decode(errors="replace")[-2000:])
+    # user+system time of the command and every descendant it waited for (analyze's
+    # workers and the grep/wc they run): wall time alone hides that analyze uses 2 cores.
+    cpu = usage.ru_utime + usage.ru_stime - cpu_before
     # ru_maxrss of children is a running maximum: meaningful when runs grow in size.
-    del before
-    return elapsed, peak, after, proc.returncode
+    return elapsed, cpu, peak, usage.ru_maxrss, proc.returncode
 
 
 def main() -> int:
@@ -240,13 +243,16 @@ def main() -> int:
         }
         # One untimed pass so both read from a warm page cache.
         measure(runs["grep -E -i -c (seed patterns)"])
-        print(f"{'command':<34}{'wall s':>9}{'peak PSS (tree) MB':>21}{'max RSS/proc MB':>18}")
+        print(
+            f"{'command':<34}{'wall s':>9}{'cpu s':>8}{'peak PSS (tree) MB':>21}"
+            f"{'max RSS/proc MB':>18}"
+        )
         for name, argv in runs.items():
             for _ in range(args.repeat):
-                secs, peak_kb, max_kb, rc = measure(argv)
+                secs, cpu, peak_kb, max_kb, rc = measure(argv)
                 print(
-                    f"{name:<34}{secs:>9.2f}{peak_kb / 1024:>21.1f}{max_kb / 1024:>18.1f}"
-                    + ("" if rc in (0, 1) else f"  rc={rc}")
+                    f"{name:<34}{secs:>9.2f}{cpu:>8.2f}{peak_kb / 1024:>21.1f}"
+                    f"{max_kb / 1024:>18.1f}" + ("" if rc in (0, 1) else f"  rc={rc}")
                 )
     finally:
         if args.keep is None:
