@@ -413,7 +413,10 @@ def _classify_finished(
             record.classified_at = None
             record.outcome = Outcome.RUNNING.value
             for cursor in index.get(key, []):
-                cursor.done = False  # a requeue rewrites the log: read it again
+                # a requeue rewrites the log: read it again from the start
+                cursor.done = False
+                cursor.offset = 0
+                cursor.scan_state = None
         _update_from_row(record, row)
         if not row.finished or row.key in active:
             if record.outcome != Outcome.RUNNING.value or record.state != row.state:
@@ -453,6 +456,7 @@ def _classify_finished(
         _attach_config(settings, record)
         for c in cursors:
             c.done = True
+            c.scan_state = None  # never read again: keep the ledger small
         ledger.mark_dirty()
         report.classified.append(key)
         resubmit.on_classified(ledger, record, settings, now)

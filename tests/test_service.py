@@ -327,3 +327,25 @@ def test_help_is_fast_because_heavy_imports_are_lazy() -> None:
         env=dict(os.environ),
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_requeued_job_is_judged_again_from_its_rewritten_log(
+    fake: FakeSlurm, setup: dict[str, Any]
+) -> None:
+    job = _array(fake, setup["logs"], "0")
+    fake.finish(f"{job}_0", "FAILED", err=RATE_LIMIT_TB)
+    assert _once(setup["config"]) == 0
+    assert _ledger(setup).jobs[f"{job}_0"].error_type == "rate_limit"
+    # scontrol requeue: same job id, running again, and Slurm truncates the log
+    fake.set_state(f"{job}_0", "RUNNING")
+    err = setup["logs"] / f"ttc_claude_{job}_0.err"
+    err.write_text("")
+    time.sleep(0.01)
+    assert _once(setup["config"]) == 0
+    assert _ledger(setup).jobs[f"{job}_0"].outcome == "running"
+    fake.finish(f"{job}_0", "FAILED", err=KEY_ERROR_TB)
+    assert _once(setup["config"]) == 0
+    record = _ledger(setup).jobs[f"{job}_0"]
+    # judged from the new run's log, with line numbers of the rewritten file
+    assert record.error_type == "code_error"
+    assert record.evidence["line_no"] == 4
