@@ -461,7 +461,7 @@ def run_analyze(
     if not offline:
         active, sacct_rows = _query_slurm(settings, job_ids, warnings)
 
-    retryable = frozenset(t for t, p in settings.resubmit.types.items() if p.enabled)
+    retryable = settings.resubmit.retryable_types
     from .classify import decide
 
     seen_keys = {j.key for j in selected}

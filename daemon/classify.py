@@ -1785,7 +1785,7 @@ def classify_files(paths: Iterable[Path | str], settings: Settings) -> ClassifyR
     """Classify each file on its own (no sacct). Unreadable files are reported, not fatal,
     unless no file at all could be read."""
     table = build_table(settings.classify)
-    retryable = frozenset(t for t, p in settings.resubmit.types.items() if p.enabled)
+    retryable = settings.resubmit.retryable_types
     out: list[FileVerdict] = []
     for path in paths:
         try:

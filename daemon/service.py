@@ -393,7 +393,7 @@ def _classify_finished(
     settings, ledger = ctx.settings, ctx.ledger
     table = ctx.signature_table()
     index = _logs_index(ledger)
-    retryable_types = _retryable_types(settings)
+    retryable_types = settings.resubmit.retryable_types
     for row in rows:
         key = str(row.key)
         record = ledger.jobs.get(key)
@@ -460,16 +460,6 @@ def _classify_finished(
         ledger.mark_dirty()
         report.classified.append(key)
         resubmit.on_classified(ledger, record, settings, now)
-
-
-def _retryable_types(settings: Settings) -> frozenset[Any]:
-    from .model import NEVER_RETRYABLE
-
-    return frozenset(
-        t
-        for t, policy in settings.resubmit.types.items()
-        if policy.enabled and t not in NEVER_RETRYABLE
-    )
 
 
 def _update_from_row(record: JobRecord, row: SacctRow) -> None:

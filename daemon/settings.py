@@ -199,6 +199,14 @@ class ResubmitSettings(_Section):
         merged.update(v)
         return merged
 
+    @property
+    def retryable_types(self) -> frozenset[ErrorType]:
+        """The failure types a verdict calls retryable under these settings.
+
+        Never a type of ``NEVER_RETRYABLE``: the validator above refuses to enable one.
+        """
+        return frozenset(t for t, policy in self.types.items() if policy.enabled)
+
 
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
