@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 
 Clock = Callable[[], datetime]
 
-# sacct rows of short jobs are placeholders for a few seconds after they end
-_PLACEHOLDER_NAMES = frozenset({"", "allocation"})
 # a job seen active that then disappears from both sacct and squeue for this long is "vanished"
 _VANISH_AFTER = timedelta(hours=2)
 
@@ -122,13 +120,6 @@ def _sacct_window_start(health: Health, settings: Settings, now: datetime) -> da
         return now - timedelta(seconds=settings.watch.initial_lookback_s)
     # a clock that jumped backwards must not make the window start in the future
     return min(last, now) - timedelta(seconds=settings.watch.sacct_overlap_s)
-
-
-def row_is_complete(row: SacctRow) -> bool:
-    """22.05 fills JobName/WorkDir a few seconds after State: judge only complete rows."""
-    from .slurm import is_placeholder
-
-    return not is_placeholder(row)
 
 
 def tick(ctx: TickContext) -> TickReport:
@@ -389,10 +380,19 @@ def _classify_finished(
 ) -> None:
     from . import resubmit
     from .classify import LogScanner, decide
+    from .slurm import is_placeholder
 
     settings, ledger = ctx.settings, ctx.ledger
     table = ctx.signature_table()
-    index = _logs_index(ledger)
+    index: dict[str, list[LogCursor]] | None = None
+
+    def cursors_of(key: str) -> list[LogCursor]:
+        # built on first need: most ticks judge nothing, and there may be 100k cursors
+        nonlocal index
+        if index is None:
+            index = _logs_index(ledger)
+        return index.get(key, [])
+
     retryable_types = settings.resubmit.retryable_types
     for row in rows:
         key = str(row.key)
@@ -412,7 +412,7 @@ def _classify_finished(
                 continue
             record.classified_at = None
             record.outcome = Outcome.RUNNING.value
-            for cursor in index.get(key, []):
+            for cursor in cursors_of(key):
                 # a requeue rewrites the log: read it again from the start
                 cursor.done = False
                 cursor.offset = 0
@@ -424,7 +424,8 @@ def _classify_finished(
                 record.state = row.state
                 ledger.mark_dirty()
             continue
-        if not row_is_complete(row):
+        # 22.05 fills a short job's JobName/WorkDir seconds after its State
+        if is_placeholder(row):
             first = parse_iso(record.incomplete_since)
             if first is None:
                 record.incomplete_since = iso(now)
@@ -432,7 +433,7 @@ def _classify_finished(
                 continue
             if (now - first).total_seconds() < settings.watch.incomplete_row_grace_s:
                 continue
-        cursors = index.get(key, [])
+        cursors = cursors_of(key)
         findings = [
             (
                 LogScanner.from_state(table, c.path, c.scan_state)
@@ -463,7 +464,9 @@ def _classify_finished(
 
 
 def _update_from_row(record: JobRecord, row: SacctRow) -> None:
-    if row.job_name not in _PLACEHOLDER_NAMES:
+    from .slurm import PLACEHOLDER_JOB_NAME
+
+    if row.job_name not in ("", PLACEHOLDER_JOB_NAME):
         record.job_name = row.job_name
     record.user = row.user or record.user
     if row.work_dir:
