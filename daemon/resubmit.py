@@ -727,12 +727,6 @@ class ResubmitReport:
         }
 
 
-def current_user(settings: Settings) -> str:
-    import getpass
-
-    return settings.slurm.user or getpass.getuser()
-
-
 def _mark_disabled(ledger: LedgerView, settings: Settings) -> list[Decision]:
     enabled_types = {t.value for t, p in settings.resubmit.types.items() if p.enabled}
     decisions = [
@@ -773,12 +767,14 @@ def process_tick(
         report.paused = ledger.resubmit.paused
         report.paused_reason = ledger.resubmit.paused_reason
         return report
+    from .slurm import current_user
+
     decided = plan(
         ledger,
         settings,
         now,
         rng or random.Random(),
-        user=user or current_user(settings),
+        user=user or current_user(settings.slurm),
         exists=exists,
         types=types,
         jobs=jobs,
@@ -859,7 +855,7 @@ def run_manual(
 ) -> ResubmitResult:
     """``slurm-triage resubmit``: the daemon's path, on demand, under the ledger lock."""
     from .ledger import LedgerStore
-    from .slurm import SlurmRunner, query_sacct, query_squeue
+    from .slurm import SlurmRunner, current_user, query_sacct, query_squeue
 
     wanted: list[ErrorType] | None = None
     if types:
@@ -875,7 +871,7 @@ def run_manual(
             wanted.append(etype)
     runner = runner or SlurmRunner()
     now = now or datetime.now(timezone.utc)
-    user = current_user(settings)
+    user = current_user(settings.slurm)
     is_dry = dry_run or settings.resubmit.dry_run
     result = ResubmitResult(report=ResubmitReport())
     with LedgerStore(settings.ledger_path, retention_days=settings.watch.retention_days) as store:

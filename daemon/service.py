@@ -7,7 +7,6 @@ everything that goes wrong is recorded in ``ledger.health`` and the next tick re
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import signal
@@ -36,10 +35,6 @@ Clock = Callable[[], datetime]
 
 # a job seen active that then disappears from both sacct and squeue for this long is "vanished"
 _VANISH_AFTER = timedelta(hours=2)
-
-
-def current_user(settings: Settings) -> str:
-    return settings.slurm.user or getpass.getuser()
 
 
 # ---------------------------------------------------------------------------------------
@@ -534,14 +529,14 @@ def _mark_vanished(
 
 
 def _make_context(settings: Settings, store: LedgerStore, ledger: Ledger) -> TickContext:
-    from .slurm import SlurmRunner
+    from .slurm import SlurmRunner, current_user
 
     return TickContext(
         settings=settings,
         store=store,
         ledger=ledger,
         runner=SlurmRunner(),
-        user=current_user(settings),
+        user=current_user(settings.slurm),
     )
 
 

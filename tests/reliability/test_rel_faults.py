@@ -22,7 +22,7 @@ import pytest
 from daemon import service
 from daemon.ledger import LedgerStore
 from daemon.settings import load_settings
-from daemon.slurm import SACCT_FIELDS, SlurmRunner, sacct_argv
+from daemon.slurm import SACCT_FIELDS, SlurmRunner, current_user, sacct_argv
 from tests.reliability.conftest import (
     KEY_ERROR_TB,
     NETWORK_TB,
@@ -71,7 +71,7 @@ def session(rig: Rig, clock: Callable[[], datetime]) -> Iterator[service.TickCon
             store=store,
             ledger=ledger,
             runner=SlurmRunner(),
-            user=service.current_user(settings),
+            user=current_user(settings.slurm),
             clock=clock,
         )
 
