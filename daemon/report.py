@@ -10,10 +10,8 @@ import csv
 import fnmatch
 import io
 import json
-import os
 import re
 import shlex
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .fsutil import atomic_write
 from .model import ErrorType, Outcome, SacctRow, TaskKey, Verdict, compress_ranges
 from .settings import Settings
 from .submitline import _LONG, _REQUIRED, _SHORT_VALUE, _resolve_long
@@ -161,22 +160,9 @@ def render_csv(tasks: Iterable[TaskResult], settings: Settings) -> str:
 def write_csv(path: Path, tasks: Iterable[TaskResult], settings: Settings) -> int:
     """Write the CSV atomically (temp file beside it, fsync, rename). Returns the row count."""
     text = render_csv(tasks, settings)
-    folder = path.parent if str(path.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        atomic_write(path, text.encode("utf-8"))
     except OSError as exc:
-        raise InputError(f"cannot write CSV in {folder}: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise InputError(f"cannot write CSV {path}: {exc.strerror}") from exc
     return text.count("\n") - 1
 

@@ -195,16 +195,13 @@ def _write_heartbeat(state_dir: Path, health: Health, report: TickReport) -> Non
     It carries what ``status`` shows about the last tick and the sacct window; losing it
     costs nothing but a wider sacct window after a restart.
     """
+    from .fsutil import atomic_write
+
     path = state_dir / HEARTBEAT_NAME
-    tmp = state_dir / f".{HEARTBEAT_NAME}.{os.getpid()}.tmp"
-    data = json.dumps(health.to_json(), separators=(",", ":")).encode()
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        atomic_write(
+            path, json.dumps(health.to_json(), separators=(",", ":")).encode(), fsync=False
+        )
     except OSError as exc:
         report.errors.append(f"heartbeat: cannot write {path}: {exc.strerror or exc}")
 
