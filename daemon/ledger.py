@@ -13,7 +13,6 @@ comprehensions; pydantic would be an order of magnitude slower here.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import gc
@@ -21,12 +20,12 @@ import json
 import operator
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from .errors import LedgerCorrupt, LedgerError, LedgerLocked, LedgerTooNew
 from .faults import crash_point
@@ -36,7 +35,17 @@ try:  # optional: ~5x faster encoding of 100k records; the stdlib is the fallbac
 except ImportError:  # pragma: no cover - depends on the environment
     _orjson = None  # type: ignore[assignment]
 
-from .records import Health, JobRecord, LogCursor, OutboxMessage, ResubmitState, SubmitIntent
+from .records import (
+    Health,
+    JobRecord,
+    JobRecordBase,
+    LogCursor,
+    LogCursorBase,
+    OutboxMessage,
+    ResubmitState,
+    SubmitIntent,
+    persisted_fields,
+)
 from .timeutil import iso, parse_iso, utcnow
 
 SCHEMA_VERSION = 2
@@ -56,6 +65,15 @@ OUTBOX_DONE_STATES = frozenset({"sent", "dead"})
 INTENT_DONE_STATES = frozenset({"submitted", "failed", "abandoned", "dry_run"})
 
 R = TypeVar("R")
+
+# When true, every save re-encodes the records whose cached row it would reuse and raises
+# AssertionError on a difference: an in-place change (``rec.config["x"] = 1``) that the
+# change tracking cannot see. Costs a full encode; the test suite turns it on.
+VERIFY_ROW_CACHE = False
+VERIFY_ENV = "SLURM_TRIAGE_VERIFY_LEDGER_CACHE"
+# Stale rows found in verify mode (also raised), so a test can fail even when the caller
+# swallows the AssertionError (a tick stage records it as an error and goes on).
+stale_rows_seen: list[str] = []
 
 
 @dataclass
@@ -95,9 +113,11 @@ class Ledger:
             if array_task is None and sep and tail.isdigit():
                 array_task = int(tail)
         stamp = iso(now or utcnow())
-        rec = JobRecord(
+        # built untracked and switched (``_tracking``): a tick may create thousands
+        base = JobRecordBase(
             key=key, job_id=job_id, array_task=array_task, first_seen_at=stamp, updated_at=stamp
         )
+        rec = _tracking([base], JobRecord)[0]
         self.jobs[key] = rec
         self.mark_dirty()
         return rec
@@ -142,10 +162,10 @@ class Ledger:
         try:
             outbox_raw = _expect(data.get("outbox", []), list, "outbox")
             intents_raw = _expect(data.get("intents", {}), dict, "intents")
-            jobs = {r.key: r for r in _table(JobRecord, _JOB_FIELDS, data.get("jobs"), "jobs")}
-            cursors = {
-                c.path: c for c in _table(LogCursor, _CURSOR_FIELDS, data.get("cursors"), "cursors")
-            }
+            job_list = _table(JobRecordBase, _JOB_FIELDS, data.get("jobs"), "jobs")
+            cursor_list = _table(LogCursorBase, _CURSOR_FIELDS, data.get("cursors"), "cursors")
+            jobs = {r.key: r for r in _tracking(job_list, JobRecord)}
+            cursors = {c.path: c for c in _tracking(cursor_list, LogCursor)}
             outbox = [_build(OutboxMessage, _OUTBOX_FIELDS, v) for v in outbox_raw]
             intents = {k: _build(SubmitIntent, _INTENT_FIELDS, v) for k, v in intents_raw.items()}
             resubmit = _build(ResubmitState, _RESUBMIT_FIELDS, data.get("resubmit") or {})
@@ -166,16 +186,12 @@ class Ledger:
         )
 
 
-def _field_names(cls: type[Any]) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
-
-
-_JOB_FIELDS = _field_names(JobRecord)
-_CURSOR_FIELDS = _field_names(LogCursor)
-_OUTBOX_FIELDS = _field_names(OutboxMessage)
-_INTENT_FIELDS = _field_names(SubmitIntent)
-_RESUBMIT_FIELDS = _field_names(ResubmitState)
-_HEALTH_FIELDS = _field_names(Health)
+_JOB_FIELDS = persisted_fields(JobRecord)
+_CURSOR_FIELDS = persisted_fields(LogCursor)
+_OUTBOX_FIELDS = persisted_fields(OutboxMessage)
+_INTENT_FIELDS = persisted_fields(SubmitIntent)
+_RESUBMIT_FIELDS = persisted_fields(ResubmitState)
+_HEALTH_FIELDS = persisted_fields(Health)
 _FIELD_SETS: dict[tuple[str, ...], frozenset[str]] = {
     names: frozenset(names)
     for names in (
@@ -225,6 +241,18 @@ def _table(cls: Callable[..., R], names: tuple[str, ...], data: Any, what: str) 
         else:
             raise LedgerCorrupt(f"{what!r} has a row that does not match its {width} columns")
     return out
+
+
+def _tracking(records: Sequence[Any], cls: type[R]) -> list[R]:
+    """Turn loaded plain records into their change-tracking class, in place.
+
+    Built as the plain base, the dataclass ``__init__`` stores fields without the
+    tracking ``__setattr__`` (which would make a 100k-record load ~2x slower); the
+    classes share a slot layout, so switching is one pointer store per record.
+    """
+    for rec in records:
+        rec.__class__ = cls
+    return cast(list[R], records)
 
 
 def _build(cls: Callable[..., R], names: tuple[str, ...], data: Any) -> R:
@@ -321,15 +349,102 @@ def parse_ledger(raw: bytes, source: str = "ledger") -> tuple[Ledger, int]:
 
 
 def encode_ledger(ledger: Ledger) -> bytes:
+    """The file's bytes: the JSON of ``ledger.to_json()``, written compactly."""
+    return b"".join(encode_ledger_parts(ledger))
+
+
+def encode_ledger_parts(ledger: Ledger) -> list[bytes]:
+    """``encode_ledger`` as pieces to write one after the other (no 70 MB join).
+
+    Job and cursor rows come from each record's cached ``_row`` when it has one; only
+    records changed since the last save are encoded again. The rows are joined in
+    groups of ``_ROWS_PER_PART``: one ``os.write`` per part, and no single copy of the
+    whole table.
+    """
     with _gc_paused():
-        doc = ledger.to_json()
-        if _orjson is not None:
-            try:
-                return _orjson.dumps(doc)
-            except TypeError:  # e.g. an int beyond 64 bits; the stdlib copes
-                pass
-        # Compact separators: the file is for machines; `status --json` is the human view.
-        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        jobs = ledger.jobs.values()
+        cursors = ledger.cursors.values()
+        if VERIFY_ROW_CACHE or os.environ.get(VERIFY_ENV) == "1":
+            _verify_rows(jobs, _JOB_ROW, "job")
+            _verify_rows(cursors, _CURSOR_ROW, "cursor")
+        parts = [
+            b'{"schema_version":',
+            _dumps(SCHEMA_VERSION),
+            b',"created_at":',
+            _dumps(ledger.created_at),
+            b',"jobs":{"columns":',
+            _JOB_COLUMNS_JSON,
+            b',"rows":[',
+        ]
+        _add_rows(parts, _cached_rows(jobs, _JOB_ROW))
+        parts += [b']},"cursors":{"columns":', _CURSOR_COLUMNS_JSON, b',"rows":[']
+        _add_rows(parts, _cached_rows(cursors, _CURSOR_ROW))
+        parts += [
+            b']},"outbox":',
+            _dumps([m.to_json() for m in ledger.outbox]),
+            b',"intents":',
+            _dumps({k: i.to_json() for k, i in ledger.intents.items()}),
+            b',"resubmit":',
+            _dumps(ledger.resubmit.to_json()),
+            b',"health":',
+            _dumps(ledger.health.to_json()),
+            b"}",
+        ]
+        return parts
+
+
+# ~1 MB per part with typical rows: big enough that the write count does not matter,
+# small enough to stay in cache while it is copied.
+_ROWS_PER_PART = 2048
+
+
+def _dumps(obj: Any) -> bytes:
+    if _orjson is not None:
+        try:
+            return _orjson.dumps(obj)
+        except TypeError:  # e.g. an int beyond 64 bits; the stdlib copes
+            pass
+    # Compact separators: the file is for machines; `status --json` is the human view.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+_JOB_COLUMNS_JSON = _dumps(_JOB_FIELDS)
+_CURSOR_COLUMNS_JSON = _dumps(_CURSOR_FIELDS)
+_set_row = object.__setattr__  # stores the cache without invalidating it
+
+
+def _cached_rows(records: Iterable[Any], getter: Callable[[Any], Any]) -> list[bytes]:
+    def encode(rec: Any) -> bytes:
+        row = _dumps(getter(rec))
+        _set_row(rec, "_row", row)
+        return row
+
+    # an encoded row is never empty, so ``or`` only encodes the uncached ones
+    return [rec._row or encode(rec) for rec in records]
+
+
+def _add_rows(parts: list[bytes], rows: list[bytes]) -> None:
+    step = _ROWS_PER_PART
+    for start in range(0, len(rows), step):
+        if start:
+            parts.append(b",")
+        parts.append(b",".join(rows[start : start + step]))
+
+
+def _verify_rows(records: Iterable[Any], getter: Callable[[Any], Any], what: str) -> None:
+    for rec in records:
+        cached = rec._row
+        if cached is None:
+            continue
+        fresh = _dumps(getter(rec))
+        if fresh != cached:
+            name = rec.key if what == "job" else rec.path
+            msg = (
+                f"stale cached ledger row for {what} {name!r}: a field was changed in place "
+                f"(assign a new object instead); cached {cached!r}, now {fresh!r}"
+            )
+            stale_rows_seen.append(msg)
+            raise AssertionError(msg)
 
 
 def _loads(raw: bytes) -> Any:
@@ -672,13 +787,13 @@ class LedgerStore:
         if last is None or now - last >= RETENTION_INTERVAL or now < last:
             apply_retention(ledger, now, self.retention_days)
             self._last_retention = now
-        data = encode_ledger(ledger)
+        parts = encode_ledger_parts(ledger)
         self._cleanup_temp_files()
         tmp = self.dir / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                _write_all(fd, data)
+                _write_parts(fd, parts)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -746,6 +861,41 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _iov_max() -> int:
+    try:
+        return max(1, os.sysconf("SC_IOV_MAX"))
+    except (ValueError, OSError):  # pragma: no cover - every Linux has it
+        return 16  # POSIX's minimum
+
+
+_IOV_MAX = _iov_max()
+
+
+def _write_parts(fd: int, parts: Sequence[bytes]) -> None:
+    """Write ``parts`` in order with ``writev``, at most IOV_MAX buffers per call.
+
+    A short write (a signal, a full disk that frees up, a quota) resumes exactly after
+    the last byte written: the buffers written whole are skipped and the one cut in
+    the middle continues from its offset.
+    """
+    pending: list[memoryview | bytes] = [p for p in parts if p]
+    i = 0
+    while i < len(pending):
+        batch = pending[i : i + _IOV_MAX]
+        n = os.writev(fd, batch)
+        if n <= 0:  # pragma: no cover - a regular file either progresses or raises
+            raise OSError(errno.EIO, "write made no progress")
+        for buf in batch:
+            size = len(buf)
+            if n >= size:
+                n -= size
+                i += 1
+                continue
+            # cut in the middle (n may be 0): the rest of this buffer goes next
+            pending[i] = memoryview(buf)[n:]
+            break
 
 
 def _fsync_dir(path: Path) -> None:

@@ -15,18 +15,51 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def persisted_fields(cls: type[Any]) -> tuple[str, ...]:
+    """The fields written to disk: every dataclass field but private caches (``_row``)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if not f.name.startswith("_"))
+
+
 def _to_json(obj: Any) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    return {name: getattr(obj, name) for name in persisted_fields(type(obj))}
 
 
 def _from_json(cls: type[T], data: dict[str, Any]) -> T:
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = set(persisted_fields(cls))
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
+_set = object.__setattr__
+
+
+class _RowCached:
+    """Mixin for the tracking record classes: setting any persisted field drops ``_row``.
+
+    ``_row`` is the record's cached JSON row (``ledger.encode_ledger`` fills it), so a
+    save re-encodes only records changed since the last one. The mixin adds no slots:
+    the plain base and the tracking class share a layout, and the loader builds plain
+    records (whose dataclass ``__init__`` then stores without this Python-level hook)
+    and switches their ``__class__``.
+
+    In-place changes (``rec.config["x"] = 1``) bypass this: assign a new object instead.
+    ``ledger.VERIFY_ROW_CACHE`` catches a stale row (the test suite turns it on).
+    """
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _set(self, name, value)
+        if name != "_row":
+            _set(self, "_row", None)
+
+
 @dataclass(slots=True)
-class JobRecord:
-    """One job or array task the daemon has seen. Keyed by ``key`` ("123_4" or "123")."""
+class JobRecordBase:
+    """One job or array task the daemon has seen. Keyed by ``key`` ("123_4" or "123").
+
+    Use ``JobRecord``; this untracked base exists so the loader can build 100k records
+    without the per-field ``__setattr__`` hook (see ``_RowCached``).
+    """
 
     key: str
     job_id: str  # array master id, or the plain job id
@@ -68,6 +101,8 @@ class JobRecord:
     notified_recovery: bool = False
     incomplete_since: str | None = None  # first time a finished-but-incomplete row was seen
     updated_at: str | None = None
+    # not persisted: the cached encoded row (``_RowCached``)
+    _row: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def origin_key(self) -> str:
@@ -76,14 +111,23 @@ class JobRecord:
     def to_json(self) -> dict[str, Any]:
         return _to_json(self)
 
+
+class JobRecord(_RowCached, JobRecordBase):
+    """The record everyone uses: a ``JobRecordBase`` that tracks its own changes."""
+
+    __slots__ = ()
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JobRecord:
         return _from_json(cls, data)
 
 
 @dataclass(slots=True)
-class LogCursor:
-    """Where the daemon stopped reading one log file, and the classifier state so far."""
+class LogCursorBase:
+    """Where the daemon stopped reading one log file, and the classifier state so far.
+
+    Use ``LogCursor``; this untracked base is for the loader (see ``JobRecordBase``).
+    """
 
     path: str
     key: str  # task key the file belongs to
@@ -98,9 +142,17 @@ class LogCursor:
     # "<n>:<sha1 of the first n bytes>" (logs.py): a rewrite in place that regrew past
     # ``offset`` (a requeued job's log) is noticed although inode and size look fine
     head: str = ""
+    # not persisted: the cached encoded row (``_RowCached``)
+    _row: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return _to_json(self)
+
+
+class LogCursor(_RowCached, LogCursorBase):
+    """The cursor everyone uses: a ``LogCursorBase`` that tracks its own changes."""
+
+    __slots__ = ()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LogCursor:

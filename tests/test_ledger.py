@@ -325,7 +325,7 @@ def test_lock_held_by_another_process(state: Path) -> None:
 # --- disk errors -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["write", "fsync"])
+@pytest.mark.parametrize("where", ["writev", "fsync"])
 def test_disk_full_leaves_old_file_and_no_temp(
     state: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
