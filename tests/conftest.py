@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -21,3 +22,21 @@ def _isolate_environment(
             "no_proxy",
         }:
             monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _verify_ledger_row_cache(
+    _isolate_environment: None, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """Every ledger save in every test re-checks the cached rows (a stale one means a
+    record field was changed in place, which the change tracking cannot see). The env
+    var reaches the daemons that reliability tests run as child processes."""
+    from daemon import ledger
+
+    monkeypatch.setenv(ledger.VERIFY_ENV, "1")
+    monkeypatch.setattr(ledger, "VERIFY_ROW_CACHE", True)
+    ledger.stale_rows_seen.clear()
+    yield
+    # a tick stage turns the AssertionError into a tick error and goes on: fail here too
+    stale, ledger.stale_rows_seen[:] = list(ledger.stale_rows_seen), []
+    assert not stale, stale[0]
