@@ -36,10 +36,10 @@ from .report import (
     summarize,
     write_csv,
 )
-from .settings import ClassifySettings, Settings
 
 if TYPE_CHECKING:
     from .classify import ScanFindings, SignatureTable
+    from .settings import ClassifySettings, Settings
 
 # Below these, starting worker processes costs more than it saves.
 PARALLEL_MIN_FILES = 400

@@ -584,9 +584,27 @@ _INFO_LEVELS = frozenset({"DEBUG", "INFO", "NOTICE", "WARNING", "WARN", "TRACE"}
 _INFO_LEVELS_B = frozenset(w.encode("ascii") for w in _INFO_LEVELS)
 
 
+# Characters of a timestamp or similar line prefix ("2026-01-25 14:02:11,301 ", "[12:00] "):
+# no letters, so no level word can begin among them
+_STAMP_CHARS = b"0123456789-:,. /+[]()|"
+_LEVEL_AT_B = re.compile(
+    rb"(DEBUG|INFO|NOTICE|WARNING|WARN|TRACE|ERROR|ERR|FATAL|CRITICAL"
+    rb"|SEVERE|EXCEPTION)(?![\w-])"
+)
+_WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
 def _informational_ascii(head: bytes) -> bool:
     """``_is_informational`` for a line whose first 120 bytes ``head`` are ASCII (then the
     decoded text starts with the same characters)."""
+    # Most log lines are "<timestamp> LEVEL ...": when only stamp characters precede a
+    # level word, that word is the first one _LEVEL_B would find (the stamp has no
+    # letters), so an anchored match there answers without searching the whole head.
+    p = len(head) - len(head.lstrip(_STAMP_CHARS))
+    if p == 0 or head[p - 1] not in _WORD_BYTES:
+        m = _LEVEL_AT_B.match(head, p)
+        if m is not None:
+            return m.group(1) in _INFO_LEVELS_B
     if head[:1] in (b"I", b"W", b"E", b"F") and head[1:5].isdigit():
         g = _GLOG_B.match(head)
         if g is not None:

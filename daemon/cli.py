@@ -123,8 +123,14 @@ def _dispatch(args: argparse.Namespace) -> CommandResult | int:
     cmd = args.command
     if cmd == "analyze":
         from .analyze import run_analyze
+        from .defaults import is_unconfigured, unconfigured_offline_settings
 
-        settings = _load(args)
+        # Nothing to validate and nothing to ask Slurm: skip pydantic's import altogether
+        settings = (
+            unconfigured_offline_settings()
+            if args.offline and is_unconfigured(getattr(args, "config", None))
+            else _load(args)
+        )
         return run_analyze(
             settings,
             log_dir=args.log_dir,

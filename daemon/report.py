@@ -17,13 +17,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError
 from .fsutil import atomic_write
 from .model import ErrorType, Outcome, SacctRow, TaskKey, Verdict, compress_ranges
-from .settings import Settings
 from .submitline import _LONG, _REQUIRED, _SHORT_VALUE, _resolve_long
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 FIXED_HEAD = ["job_id", "job_name", "array_id", "error_type"]
 FIXED_TAIL = ["config_file", "retryable", "log_file", "evidence"]

@@ -6,7 +6,6 @@ rejected so a typo never silently falls back to a default. Secrets are SecretStr
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,40 +17,25 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .defaults import (
+    DEFAULT_CLUSTER_MIN_COUNT,
+    DEFAULT_CLUSTER_WINDOW_S,
+    DEFAULT_CONFIG_FIELDS,
+    DEFAULT_CONFIG_PATTERN,
+    DEFAULT_HUNG_CPU_FRACTION,
+    DEFAULT_HUNG_MIN_ELAPSED_S,
+    DEFAULT_LOG_SUFFIXES,
+    DEFAULT_SUCCESS_MARKERS,
+    ENV_PREFIX,
+    default_config_path,
+    default_state_dir,
+)
 from .errors import ConfigError
 from .model import ErrorType
-
-ENV_PREFIX = "SLURM_TRIAGE_"
-
-
-def default_config_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "slurm-triage" / "settings.toml"
-
-
-def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "slurm-triage"
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-DEFAULT_CONFIG_FIELDS: dict[str, str] = {
-    # CSV column -> config JSON key (the seed's names)
-    "reasoning_model": "reasoning_model",
-    "baseline_model": "baseline_model",
-    "model_order": "model_order",
-    "reasoning_budget": "reasoning_token_budget",
-    "competition_level": "competition_level",
-}
-
-DEFAULT_SUCCESS_MARKERS: list[str] = [
-    "✅ CONSENSUS REACHED",
-    "✅ Experiment results saved",
-    "results saved",
-]
 
 
 class SignatureSetting(_Section):
@@ -70,20 +54,20 @@ class ClassifySettings(_Section):
     success_markers: list[str] = Field(default_factory=lambda: list(DEFAULT_SUCCESS_MARKERS))
     signatures: list[SignatureSetting] = Field(default_factory=list)
     # time_limit with TotalCPU below this fraction of elapsed*cpus is a hang
-    hung_cpu_fraction: float = 0.01
-    hung_min_elapsed_s: int = 600
+    hung_cpu_fraction: float = DEFAULT_HUNG_CPU_FRACTION
+    hung_min_elapsed_s: int = DEFAULT_HUNG_MIN_ELAPSED_S
 
 
 class AnalyzeSettings(_Section):
     # relative to RESULTS_DIR; {task} is the array task index
-    config_pattern: str = "configs/config_{task:04d}.json"
+    config_pattern: str = DEFAULT_CONFIG_PATTERN
     config_fields: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_CONFIG_FIELDS))
     # regexes with named groups job and (optional) task, matched against the file stem
     log_name_patterns: list[str] = Field(default_factory=list)
-    log_suffixes: list[str] = Field(default_factory=lambda: [".err", ".out"])
+    log_suffixes: list[str] = Field(default_factory=lambda: list(DEFAULT_LOG_SUFFIXES))
     # clustering in the summary: failures of one type within this window are called out
-    cluster_window_s: int = 1800
-    cluster_min_count: int = 3
+    cluster_window_s: int = DEFAULT_CLUSTER_WINDOW_S
+    cluster_min_count: int = DEFAULT_CLUSTER_MIN_COUNT
 
 
 class ScriptSetting(_Section):
@@ -304,3 +288,23 @@ def _describe_validation_error(exc: ValidationError, path: Path | None) -> str:
             msg = "unknown setting"
         problems.append(f"{loc}: {msg}")
     return f"{where}: " + "; ".join(problems)
+
+
+__all__ = [
+    "ENV_PREFIX",
+    "AnalyzeSettings",
+    "ClassifySettings",
+    "LoggingSettings",
+    "NotifySettings",
+    "ResubmitSettings",
+    "ScriptSetting",
+    "Settings",
+    "SignatureSetting",
+    "SlackSettings",
+    "SlurmSettings",
+    "TypePolicy",
+    "WatchSettings",
+    "default_config_path",
+    "default_state_dir",
+    "load_settings",
+]

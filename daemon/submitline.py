@@ -20,9 +20,12 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import SubmitError
-from .settings import ScriptSetting
+
+if TYPE_CHECKING:
+    from .settings import ScriptSetting
 
 TAG_PREFIX = "slurm-triage:"
 
