@@ -694,7 +694,7 @@ def test_write_parts_survives_short_writes(
 ) -> None:
     parts = [b"", b"a" * 10, b"", b"bc", *(bytes([65 + i % 26]) * i for i in range(200))]
     fake = _ShortWrites(limit=300)
-    monkeypatch.setattr(ledger_mod.os, "writev", fake)
+    monkeypatch.setattr(os, "writev", fake)
     monkeypatch.setattr(ledger_mod, "_IOV_MAX", iov_max)
     target = tmp_path / "out"
     fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o600)
