@@ -189,6 +189,8 @@ def _scan_files(paths: Sequence[Path | str]) -> list[ScanFindings | str]:
     assert _WORKER_TABLE is not None
     out: list[ScanFindings | str] = []
     for path in paths:
+        if out and not isinstance(out[-1], str) and out[-1].success is not None:
+            break  # a success decides the task (decide): its other log need not be read
         try:
             out.append(scan_findings(path, _WORKER_TABLE))
         except OSError as exc:

@@ -466,10 +466,21 @@ def _compile_candidates(
     It must find a superset of those lines as the scanner sees them (decoded, lower-cased
     for markers), so it is built only when that is certain: RE2 is installed (the stdlib
     engine is ~50x slower over whole files) and every marker letter is ASCII."""
+    pattern = _candidates_pattern(markers, extra)
+    if pattern is None:
+        return None
     try:
         re2 = importlib.import_module("re2")
     except ImportError:
         return None
+    try:
+        return _finder(re2.compile(pattern))
+    except Exception:  # pragma: no cover - the pattern is literal alternations
+        return None
+
+
+def _candidates_pattern(markers: Sequence[str], extra: Sequence[bytes] = ()) -> bytes | None:
+    """The RE2 pattern of ``_compile_candidates`` (None: no exact pattern exists)."""
     parts = [rb"Traceback", rb"slurm", rb"\*\*\* ", rb"Killed", rb"s(?:run|alloc|batch): ", *extra]
     for marker in markers:
         for ch in marker:
@@ -481,10 +492,113 @@ def _compile_candidates(
             parts.append("\u212a".encode())
         if "i" in marker:
             parts.append("\u0130".encode())
+    return b"|".join(parts)
+
+
+# --- the skim search: the prefilter without most informational lines --------------------
+#
+# Most prefilter hits of a real log are INFO lines (an httpx access line with "HTTP/1.1
+# 429", a "Retrying request" notice, "CUDA_VISIBLE_DEVICES" in a start banner) that
+# LogScanner._block then drops, at ~10 us of Python each. The skim search lets the DFA
+# drop the commonest of them itself. It reports every line the prefilter hits except
+# those whose start has the shape ``STAMP LEVEL<boundary>`` (_SKIM_INFO: stamp characters
+# only, then an informational level word), so those lines need no Python at all. A line
+# with that shape is informational for _informational_ascii (its fast path), so the only
+# lines it drops are those _block would drop: the skim search still reports such a line
+# when it holds a busy word, a \r or a non-ASCII byte (then _block's own checks decide),
+# or a prefilter hit within the stamp and level word. "Line does not start like that" is
+# spelled out as _SKIM_WITNESS (a regex has no negation); tests check that every line
+# matches exactly one of the two.
+
+# Characters of a timestamp or similar line prefix ("2026-01-25 14:02:11,301 ", "[12:00] "):
+# no letters, so no level word can begin among them
+_STAMP_CHARS = b"0123456789-:,. /+[]()|"
+_SKIM_STAMP_BODY = b"".join(re.escape(bytes([c])) for c in _STAMP_CHARS)
+_SKIM_STAMP = b"[" + _SKIM_STAMP_BODY + b"]"
+# stamp characters that end a word (neither \w nor "-")
+_SKIM_SEP = (
+    b"[" + b"".join(re.escape(bytes([c])) for c in _STAMP_CHARS if c not in b"0123456789-") + b"]"
+)
+_SKIM_LEVELS = (b"DEBUG", b"INFO", b"NOTICE", b"WARNING", b"WARN", b"TRACE")
+# the level word must lie in _informational_ascii's 120-byte head
+_SKIM_MAX_STAMP = 100
+_SKIM_INFO = (
+    rb"(?:" + _SKIM_STAMP + rb"{0,%d}" % (_SKIM_MAX_STAMP - 1) + _SKIM_SEP + rb")?"
+    rb"(?:" + b"|".join(_SKIM_LEVELS) + rb")[^\w\n\-]"
+)
+
+
+def _skim_level_miss(words: Sequence[bytes]) -> bytes:
+    """A regex for text at a line position that starts like one of ``words`` but is not
+    one of them followed by a boundary character (``[^\\w\\n-]``): each way to leave the
+    words' trie, including the end of the line."""
+    trie: dict[Any, Any] = {}
+    for word in words:
+        node = trie
+        for byte in word:
+            node = node.setdefault(byte, {})
+        node[None] = {}
+
+    def leave(node: dict[Any, Any]) -> bytes:
+        nexts = sorted(k for k in node if k is not None)
+        alts = [rb"$"]
+        if None in node:  # a whole word: only a word character that goes nowhere fails
+            others = bytes(c for c in b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_" if c not in nexts)
+            alts.append(rb"[" + others + rb"a-z\-]")
+        else:
+            alts.append(rb"[^\n" + bytes(nexts) + rb"]")
+        alts += [bytes([k]) + rb"(?:" + leave(node[k]) + rb")" for k in nexts]
+        return b"|".join(alts)
+
+    return b"|".join(bytes([k]) + rb"(?:" + leave(trie[k]) + rb")" for k in sorted(trie))
+
+
+_SKIM_FIRST = bytes(sorted({w[0] for w in _SKIM_LEVELS}))
+_SKIM_WITNESS = (
+    # the stamp run ends in a digit or "-": no level word can follow it
+    _SKIM_STAMP
+    + rb"{0,%d}[0-9\-](?:[^" % (_SKIM_MAX_STAMP - 1)
+    + _SKIM_STAMP_BODY
+    + rb"\n]|$)"
+    # after an empty run or a separator: the end, a non-level letter, or a near miss
+    + rb"|(?:"
+    + _SKIM_STAMP
+    + rb"{0,%d}" % (_SKIM_MAX_STAMP - 1)
+    + _SKIM_SEP
+    + rb")?"
+    rb"(?:$|[^"
+    + _SKIM_STAMP_BODY
+    + _SKIM_FIRST
+    + rb"\n]|"
+    + _skim_level_miss(_SKIM_LEVELS)
+    + rb")"
+    # a stamp too long for the level word to be in the head
+    + rb"|"
+    + _SKIM_STAMP
+    + rb"{%d}" % (_SKIM_MAX_STAMP + 1)
+)
+# A hit can begin inside the witness: those within the stamp and 9 characters are reported
+# whatever the line's shape (the longest witness is a full stamp and 8 characters).
+_SKIM_EARLY = _SKIM_STAMP + rb"{0,%d}[^\n]{0,9}?" % _SKIM_MAX_STAMP
+
+
+def _compile_skim(prefilter: bytes, busy: bytes) -> Callable[[bytes, int, int], int] | None:
     try:
-        return _finder(re2.compile(b"|".join(parts)))
-    except Exception:  # pragma: no cover - the pattern is literal alternations
+        re2 = importlib.import_module("re2")
+        # Latin-1: a class must consume any byte (a log line may hold invalid UTF-8); the
+        # prefilter's words are ASCII or exact byte strings, so they match the same bytes
+        options = re2.Options()
+        options.encoding = re2.Options.Encoding.LATIN1
+        compiled = re2.compile(
+            rb"(?m:^" + _SKIM_EARLY + rb"(?:" + prefilter + rb"))"
+            rb"|(?m:^(?:" + _SKIM_WITNESS + rb")[^\n]*?(?:" + prefilter + rb"))"
+            rb"|(?m:^" + _SKIM_INFO + rb"[^\n]*?[\r\x80-\xff])"
+            rb"|" + busy,
+            options=options,
+        )
+    except Exception:  # no RE2, or a user pattern it cannot take
         return None
+    return _finder(compiled)
 
 
 _ERE_SPECIAL = frozenset(b"\\.[]()*+?{}|^$")
@@ -584,9 +698,6 @@ _INFO_LEVELS = frozenset({"DEBUG", "INFO", "NOTICE", "WARNING", "WARN", "TRACE"}
 _INFO_LEVELS_B = frozenset(w.encode("ascii") for w in _INFO_LEVELS)
 
 
-# Characters of a timestamp or similar line prefix ("2026-01-25 14:02:11,301 ", "[12:00] "):
-# no letters, so no level word can begin among them
-_STAMP_CHARS = b"0123456789-:,. /+[]()|"
 _LEVEL_AT_B = re.compile(
     rb"(DEBUG|INFO|NOTICE|WARNING|WARN|TRACE|ERROR|ERR|FATAL|CRITICAL"
     rb"|SEVERE|EXCEPTION)(?![\w-])"
@@ -647,6 +758,8 @@ class SignatureTable:
     # candidates plus chain/"ignored" words: a line without any of these that has an
     # informational level is skipped before decoding (LogScanner._block)
     busy_find: Callable[[bytes, int, int], int] | None = field(default=None, repr=False)
+    # the prefilter minus most informational lines (_compile_skim); None: use the prefilter
+    skim_find: Callable[[bytes, int, int], int] | None = field(default=None, repr=False)
 
     def match(self, text: str, *, final: bool) -> tuple[Signature, re.Match[str]] | None:
         """First signature matching ``text``; ``final`` admits final_error signatures."""
@@ -710,6 +823,8 @@ def build_table(settings: ClassifySettings) -> SignatureTable:
         b"(?i:" + re.escape(m.encode("utf-8")) + b")" for m in settings.success_markers if m.strip()
     ]
     prefilter = _compile_prefilter(b"|".join(words))
+    busy_extra = [rb"above exception", rb"gnored", rb"retrieved", rb"Unclosed", rb"atexit"]
+    busy_pattern = _candidates_pattern(markers, busy_extra)
     signatures = tuple(user_any + builtin)
     preselect, always = _compile_preselect(signatures)
     return SignatureTable(
@@ -723,8 +838,14 @@ def build_table(settings: ClassifySettings) -> SignatureTable:
         candidates_find=_compile_candidates(markers),
         candidates_ere=_candidates_ere(markers),
         # what makes an informational line matter before its level is looked at (_scan)
-        busy_find=_compile_candidates(
-            markers, [rb"above exception", rb"gnored", rb"retrieved", rb"Unclosed", rb"atexit"]
+        busy_find=_compile_candidates(markers, busy_extra),
+        # user signatures may match across a newline (the skim search works line by line)
+        skim_find=(
+            _compile_skim(prefilter.pattern, busy_pattern)
+            if busy_pattern is not None
+            and not extra_prefilter
+            and not any("\n" in m or "\r" in m for m in markers)
+            else None
         ),
     )
 
@@ -947,6 +1068,36 @@ class LogScanner:
     def _block(self, buf: bytes, pos: int, end: int) -> None:
         """Complete lines in ``buf[pos:end]`` (``end`` just after a newline)."""
         find = self.table.prefilter_find or _finder(self.table.prefilter)
+        skim = self.table.skim_find
+        if skim is None:
+            self._lines_in(buf, pos, end, find, None)
+            return
+        # The skim search stands in for the prefilter only over runs of lines that are all
+        # at most MAX_LINE_BYTES long: a longer line is checked whatever its level.
+        while pos < end:
+            stop = (
+                end
+                if end - pos <= MAX_LINE_BYTES
+                else buf.rfind(b"\n", pos, pos + MAX_LINE_BYTES) + 1
+            )
+            if stop > pos:
+                self._lines_in(buf, pos, stop, skim, find)
+                pos = stop
+            else:  # a line longer than MAX_LINE_BYTES starts at pos
+                stop = buf.find(b"\n", pos, end) + 1
+                self._lines_in(buf, pos, stop, find, None)
+                pos = stop
+
+    def _lines_in(
+        self,
+        buf: bytes,
+        pos: int,
+        end: int,
+        find: Callable[[bytes, int, int], int],
+        prefilter: Callable[[bytes, int, int], int] | None,
+    ) -> None:
+        """Lines in ``buf[pos:end]``; ``find`` names candidate lines: the prefilter itself,
+        or the skim search (then ``prefilter`` says whether a hit begins in the line)."""
         busy = self.table.busy_find
         while pos < end:
             if self._mode != _SCAN:
@@ -964,7 +1115,9 @@ class LogScanner:
                 ls = pos
             self._lines += buf.count(b"\n", pos, ls) + 1
             le = buf.find(b"\n", hit, end)
-            if le - ls > MAX_LINE_BYTES:
+            if prefilter is not None and prefilter(buf, ls, le) < 0:
+                pass  # a skim candidate without a prefilter hit: scan mode ignores it
+            elif le - ls > MAX_LINE_BYTES:
                 # the hit may lie past the cut: _line checks the part that is kept
                 self._line(buf[ls : ls + MAX_LINE_BYTES], self._lines)
             elif not (

@@ -208,3 +208,18 @@ def test_progress_on_stderr(tree: Path) -> None:
     buf = io.StringIO()
     run_analyze(Settings(), log_dir=Path("logs"), offline=True, progress=True, progress_stream=buf)
     assert buf.getvalue().endswith("analyzed 22/22 files\n")
+
+
+def test_a_success_in_the_err_leaves_the_out_unread(tmp_path: Path) -> None:
+    """decide() stops at a success, so the worker does not read the task's other log."""
+    from daemon import analyze
+
+    err, out = tmp_path / "x_1_0.err", tmp_path / "x_1_0.out"
+    err.write_text("✅ Experiment results saved\n")
+    out.write_text("RuntimeError: boom\n")
+    analyze._init_worker(Settings().classify)
+    found = analyze._scan_files([str(err), str(out)])
+    assert [getattr(f, "source", f) for f in found] == [str(err)]
+    err.write_text("still working\n")
+    found = analyze._scan_files([str(err), str(out)])
+    assert [getattr(f, "source", f) for f in found] == [str(err), str(out)]
