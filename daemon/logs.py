@@ -190,10 +190,7 @@ def scan_log_tree(log_dir: Path, settings: AnalyzeSettings) -> LogTree:
     suffix_tuple = tuple(s for s in suffixes if s)
     err_suffix = suffixes[0]
     tree = LogTree()
-    # (folder, stem) -> suffix -> (name, mtime, size); folder paths in a list, by index
-    groups: dict[tuple[int, str], dict[str, tuple[str, float, int]]] = {}
-    names: dict[tuple[int, str], tuple[str, TaskKey]] = {}
-    folders: list[Path] = []
+    by_key: dict[TaskKey, tuple[JobLogs, tuple[int, int, str]]] = {}
 
     try:
         root_st = os.stat(log_dir)
@@ -206,37 +203,44 @@ def scan_log_tree(log_dir: Path, settings: AnalyzeSettings) -> LogTree:
         folder_s, folder = stack.pop()
         try:
             with os.scandir(folder_s) as it:
-                entries = {e.name: e for e in it}
+                entries = sorted(it, key=_entry_name)
         except OSError as exc:
             if folder == log_dir:
                 raise InputError(f"cannot read log folder {log_dir}: {exc.strerror}") from exc
             tree.warnings.append(f"skipped unreadable folder {folder}: {exc.strerror}")
             continue
-        fi = len(folders)
-        folders.append(folder)
+        # stem -> [prefix, key, {suffix: name}, newest mtime, bytes]; the .err and the .out
+        # share a stem, parsed once
+        groups: dict[str, list[Any]] = {}
+        unparsed: set[str] = set()
         subdirs: list[tuple[str, Path]] = []
-        for name in sorted(entries):
-            entry = entries[name]
+        for entry in entries:
+            name = entry.name
             try:
-                if name.endswith(suffix_tuple) and not entry.is_dir(follow_symlinks=True):
+                if name.endswith(suffix_tuple) and not entry.is_dir():
                     split = _split_suffix(name, suffixes)
                     if split is None:
                         continue
                     stem, suffix = split
-                    # the .err and the .out share a stem: parse it once
-                    gkey = (fi, stem)
-                    parsed = names.get(gkey) or _parse_stem(stem, patterns)
-                    if parsed is None:
-                        log.debug("not a job log name, skipped: %s", entry.path)
-                        tree.skipped += 1
-                        continue
-                    st = entry.stat(follow_symlinks=True)
+                    group = groups.get(stem)
+                    if group is None:
+                        parsed = None if stem in unparsed else _parse_stem(stem, patterns)
+                        if parsed is None:
+                            unparsed.add(stem)
+                            log.debug("not a job log name, skipped: %s", entry.path)
+                            tree.skipped += 1
+                            continue
+                    st = entry.stat()
                     if not stat.S_ISREG(st.st_mode):
                         continue
-                    groups.setdefault(gkey, {})[suffix] = (name, st.st_mtime, st.st_size)
-                    names[gkey] = parsed
-                elif entry.is_dir(follow_symlinks=True):
-                    st = entry.stat(follow_symlinks=True)
+                    if group is None:
+                        group = groups[stem] = [parsed[0], parsed[1], {}, 0.0, 0]  # type: ignore[index]
+                    group[2][suffix] = name
+                    if st.st_mtime > group[3]:
+                        group[3] = st.st_mtime
+                    group[4] += st.st_size
+                elif entry.is_dir():
+                    st = entry.stat()
                     ident = (st.st_dev, st.st_ino)
                     if ident in seen_dirs:
                         log.debug("folder already visited (symlink loop?): %s", entry.path)
@@ -248,41 +252,60 @@ def scan_log_tree(log_dir: Path, settings: AnalyzeSettings) -> LogTree:
                 continue
         # Reversed so the stack pops folders in name order: a stable output order.
         stack.extend(reversed(subdirs))
+        if groups:
+            _add_groups(tree, by_key, groups, folder, suffixes, err_suffix)
 
-    by_key: dict[TaskKey, JobLogs] = {}
-    makers: dict[int, Callable[[str], Path]] = {}
-    for gkey, files in groups.items():
-        prefix, key = names[gkey]
-        fi = gkey[0]
-        child = makers.get(fi)
-        if child is None:
-            child = makers[fi] = _child_maker(folders[fi])
+    tree.jobs = [job for job, _order in sorted(by_key.values(), key=_second)]
+    return tree
+
+
+def _entry_name(entry: os.DirEntry[str]) -> str:
+    return entry.name
+
+
+def _second(pair: tuple[Any, Any]) -> Any:
+    return pair[1]
+
+
+def _add_groups(
+    tree: LogTree,
+    by_key: dict[TaskKey, tuple[JobLogs, tuple[int, int, str]]],
+    groups: dict[str, list[Any]],
+    folder: Path,
+    suffixes: Sequence[str],
+    err_suffix: str,
+) -> None:
+    """One folder's log sets as JobLogs, the newest kept when a task has two."""
+    child = _child_maker(folder)
+    other_suffixes = suffixes[1:]
+    base = str(folder)
+    base = base if base.endswith("/") else base + "/"  # str(folder / name), cheaper
+    for prefix, key, files, mtime, size in groups.values():
         err = files.get(err_suffix)
-        others = [files[s] for s in suffixes[1:] if s in files]
-        out = others[0] if others else None
-        mtime = max(f[1] for f in files.values())
-        size = sum(f[2] for f in files.values())
+        out = next((files[s] for s in other_suffixes if s in files), None)
         tree.total_bytes += size
         job = JobLogs(
             key=key,
             prefix=prefix,
-            err=child(err[0]) if err else None,
-            out=child(out[0]) if out else None,
+            err=child(err) if err is not None else None,
+            out=child(out) if out is not None else None,
             mtime=mtime,
             size=size,
         )
+        main = base + str(err if err is not None else out)  # a group has one or both
+        order = (*_job_sort(key), main)
         previous = by_key.get(key)
         if previous is not None:
-            keep, drop = (job, previous) if job.mtime > previous.mtime else (previous, job)
+            old = previous[0]
+            keep, drop = (job, old) if job.mtime > old.mtime else (old, job)
             tree.warnings.append(
                 f"two log sets for task {key}: {keep.main} and {drop.main};"
                 f" using the newer {keep.main}"
             )
-            by_key[key] = keep
+            if keep is job:
+                by_key[key] = (job, order)
         else:
-            by_key[key] = job
-    tree.jobs = sorted(by_key.values(), key=lambda j: (_job_sort(j.key), str(j.main)))
-    return tree
+            by_key[key] = (job, order)
 
 
 def _job_sort(key: TaskKey) -> tuple[int, int]:
