@@ -7,7 +7,8 @@ skipped when nothing changed, and compacts old finished records first so the fil
 stays bounded. A ``flock`` on ``ledger.lock`` keeps a second daemon out.
 
 Records are plain dataclasses (``records.py``) so 100k of them convert with dict
-comprehensions; pydantic would be an order of magnitude slower here.
+comprehensions; pydantic would be an order of magnitude slower here. Each job and
+cursor caches its encoded row, so a save re-encodes only the records that changed.
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ def _table(cls: Callable[..., R], names: tuple[str, ...], data: Any, what: str) 
     return out
 
 
-def _tracking(records: Sequence[Any], cls: type[R]) -> list[R]:
+def _tracking(records: list[Any], cls: type[R]) -> list[R]:
     """Turn loaded plain records into their change-tracking class, in place.
 
     Built as the plain base, the dataclass ``__init__`` stores fields without the
@@ -358,8 +359,8 @@ def encode_ledger_parts(ledger: Ledger) -> list[bytes]:
 
     Job and cursor rows come from each record's cached ``_row`` when it has one; only
     records changed since the last save are encoded again. The rows are joined in
-    groups of ``_ROWS_PER_PART``: one ``os.write`` per part, and no single copy of the
-    whole table.
+    groups of ``_ROWS_PER_PART`` (~1 MB): no single copy of the whole table, and few
+    enough parts for ``writev``.
     """
     with _gc_paused():
         jobs = ledger.jobs.values()
