@@ -11,8 +11,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -212,19 +212,19 @@ def _size(job: JobLogs) -> int:
     return total
 
 
-def _batches(jobs: Sequence[JobLogs]) -> list[list[int]]:
-    """Job indices grouped for the workers, biggest work first: a big job alone (its file
-    takes a worker for a while), small ones in runs of BATCH_JOBS (one pickle round trip
-    per batch instead of per job)."""
+def _batches(jobs: Sequence[JobLogs]) -> list[list[JobLogs]]:
+    """Jobs grouped for the workers, biggest work first: a big job alone (its file takes a
+    worker for a while), small ones in runs of BATCH_JOBS (one pickle round trip per batch
+    instead of per job)."""
     sized = [(_size(job), i) for i, job in enumerate(jobs)]
     big = sorted(((n, i) for n, i in sized if n >= BATCH_MAX_BYTES), reverse=True)
-    out: list[list[int]] = [[i] for _n, i in big]
-    run: list[int] = []
+    out: list[list[JobLogs]] = [[jobs[i]] for _n, i in big]
+    run: list[JobLogs] = []
     run_bytes = 0
     for n, i in sized:
         if n >= BATCH_MAX_BYTES:
             continue
-        run.append(i)
+        run.append(jobs[i])
         run_bytes += n
         if len(run) >= BATCH_JOBS or run_bytes >= BATCH_MAX_BYTES:
             out.append(run)
@@ -238,45 +238,58 @@ def _scan_batch(batch: Sequence[Sequence[str]]) -> list[list[ScanFindings | str]
     return [_scan_files(paths) for paths in batch]
 
 
-def _scan_all(
-    jobs: Sequence[JobLogs],
-    settings: Settings,
-    total_bytes: int,
-    progress: Callable[[int], None],
-) -> Iterator[list[ScanFindings | str]]:
-    """Per job (in order), the scan result of each of its files."""
-    parallel = (os.cpu_count() or 1) > 1 and (
-        len(jobs) >= PARALLEL_MIN_FILES or total_bytes >= PARALLEL_MIN_BYTES
-    )
-    # Built before the pool: forked workers inherit it instead of compiling their own.
-    _init_worker(settings.classify)
-    if not parallel:
-        for i, job in enumerate(jobs):
-            yield _scan_files(job.paths)
-            progress(i + 1)
-        return
-    workers = min(os.cpu_count() or 1, 8)
-    batches = _batches(jobs)
-    results: dict[int, list[ScanFindings | str]] = {}
-    with ProcessPoolExecutor(
-        max_workers=workers, initializer=_init_worker, initargs=(settings.classify,)
-    ) as pool:
-        futures = {
+class _ScanPool:
+    """Scans the jobs handed to ``add`` (as the walk finds them) and gives each job's
+    results back on request.
+
+    Worker processes start once the work is big enough to pay for them; jobs handed over
+    before that wait. So on a large tree the workers scan the first folders while the
+    walk goes on, and build their own signature table meanwhile (forked early, they do
+    not inherit one). A small tree is scanned in this process."""
+
+    def __init__(self, classify_settings: ClassifySettings) -> None:
+        self.settings = classify_settings
+        self.pool: ProcessPoolExecutor | None = None
+        self.waiting: list[JobLogs] = []
+        self.waiting_bytes = 0
+        self.futures: dict[int, tuple[Future[list[list[ScanFindings | str]]], int]] = {}
+        self.parallel = (os.cpu_count() or 1) > 1
+
+    def add(self, jobs: Sequence[JobLogs]) -> None:
+        self.waiting.extend(jobs)
+        self.waiting_bytes += sum(_size(job) for job in jobs)
+        if self.pool is None and not (
+            self.parallel
+            and (
+                len(self.waiting) >= PARALLEL_MIN_FILES or self.waiting_bytes >= PARALLEL_MIN_BYTES
+            )
+        ):
+            return
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(
+                max_workers=min(os.cpu_count() or 1, 8),
+                initializer=_init_worker,
+                initargs=(self.settings,),
+            )
+        for batch in _batches(self.waiting):
             # strings: a Path pickles as its parts and is parsed again on the other side
-            pool.submit(_scan_batch, [[str(p) for p in jobs[i].paths] for i in batch]): batch
-            for batch in batches
-        }
-        # results are handed out in job order as soon as the next one is in
-        pending = dict(futures)
-        done = 0
-        for future in as_completed(futures):
-            batch = pending.pop(future)
-            for i, r in zip(batch, future.result(), strict=True):
-                results[i] = r
-            while done in results:
-                yield results.pop(done)
-                done += 1
-                progress(done)
+            future = self.pool.submit(_scan_batch, [[str(p) for p in job.paths] for job in batch])
+            for i, job in enumerate(batch):
+                self.futures[id(job)] = (future, i)
+        self.waiting, self.waiting_bytes = [], 0
+
+    def result(self, job: JobLogs) -> list[ScanFindings | str]:
+        """The findings (or read errors) of each of ``job``'s files, in order."""
+        submitted = self.futures.pop(id(job), None)
+        if submitted is not None:
+            future, i = submitted
+            return future.result()[i]
+        _init_worker(self.settings)
+        return _scan_files(job.paths)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Progress:
@@ -428,7 +441,30 @@ def run_analyze(
     if target.is_dir():
         raise InputError(f"--csv points at a folder: {target}")
 
-    tree = scan_log_tree(log_dir, settings.analyze)
+    scans = _ScanPool(settings.classify)
+    try:
+        return _analyze(
+            settings, scans, log_dir, results_dir, jobs, target, offline, progress, progress_stream
+        )
+    finally:
+        scans.close()
+
+
+def _analyze(
+    settings: Settings,
+    scans: _ScanPool,
+    log_dir: Path,
+    results_dir: Path | None,
+    jobs: list[str] | None,
+    target: Path,
+    offline: bool,
+    progress: bool,
+    progress_stream: TextIO | None,
+) -> AnalyzeResult:
+    # Offline and without --jobs every job found is read: the workers get them folder by
+    # folder while the walk goes on.
+    early = offline and not jobs
+    tree = scan_log_tree(log_dir, settings.analyze, on_jobs=scans.add if early else None)
     warnings = list(tree.warnings)
     if not tree.jobs:
         raise InputError(
@@ -480,10 +516,13 @@ def run_analyze(
         else:
             to_scan.append(job)
 
+    if not early:
+        scans.add(to_scan)
     meter = _Progress(len(to_scan), (progress_stream or sys.stderr) if progress else None)
     try:
-        scans = _scan_all(to_scan, settings, tree.total_bytes, meter)
-        for job, results in zip(to_scan, scans, strict=True):
+        for done, job in enumerate(to_scan, 1):
+            results = scans.result(job)
+            meter(done)
             row = sacct_rows.get(job.key)
             found: list[ScanFindings] = []
             for r in results:

@@ -178,12 +178,18 @@ def _child_maker(folder: Path) -> Callable[[str], Path]:
     return folder.joinpath
 
 
-def scan_log_tree(log_dir: Path, settings: AnalyzeSettings) -> LogTree:
+def scan_log_tree(
+    log_dir: Path,
+    settings: AnalyzeSettings,
+    *,
+    on_jobs: Callable[[list[JobLogs]], None] | None = None,
+) -> LogTree:
     """Walk ``log_dir`` recursively and group log files by task.
 
     Symlinked folders are followed once (a loop is detected by device and inode); an
     unreadable subfolder is a warning, not an error. Two log sets for the same task (a copy
-    in another folder) keep the newest and warn.
+    in another folder) keep the newest and warn. ``on_jobs`` gets each folder's log sets
+    as soon as the folder is read (including one a later folder's copy replaces).
     """
     patterns = compile_patterns(settings.log_name_patterns)
     suffixes = list(settings.log_suffixes) or [".err", ".out"]
@@ -253,7 +259,9 @@ def scan_log_tree(log_dir: Path, settings: AnalyzeSettings) -> LogTree:
         # Reversed so the stack pops folders in name order: a stable output order.
         stack.extend(reversed(subdirs))
         if groups:
-            _add_groups(tree, by_key, groups, folder, suffixes, err_suffix)
+            found = _add_groups(tree, by_key, groups, folder, suffixes, err_suffix)
+            if on_jobs is not None:
+                on_jobs(found)
 
     tree.jobs = [job for job, _order in sorted(by_key.values(), key=_second)]
     return tree
@@ -274,8 +282,9 @@ def _add_groups(
     folder: Path,
     suffixes: Sequence[str],
     err_suffix: str,
-) -> None:
-    """One folder's log sets as JobLogs, the newest kept when a task has two."""
+) -> list[JobLogs]:
+    """One folder's log sets as JobLogs (returned), the newest kept when a task has two."""
+    found: list[JobLogs] = []
     child = _child_maker(folder)
     other_suffixes = suffixes[1:]
     base = str(folder)
@@ -292,6 +301,7 @@ def _add_groups(
             mtime=mtime,
             size=size,
         )
+        found.append(job)
         main = base + str(err if err is not None else out)  # a group has one or both
         order = (*_job_sort(key), main)
         previous = by_key.get(key)
@@ -306,6 +316,7 @@ def _add_groups(
                 by_key[key] = (job, order)
         else:
             by_key[key] = (job, order)
+    return found
 
 
 def _job_sort(key: TaskKey) -> tuple[int, int]:

@@ -223,3 +223,55 @@ def test_a_success_in_the_err_leaves_the_out_unread(tmp_path: Path) -> None:
     err.write_text("still working\n")
     found = analyze._scan_files([str(err), str(out)])
     assert [getattr(f, "source", f) for f in found] == [str(err), str(out)]
+
+
+def _sweep(root: Path, folders: int, tasks: int) -> None:
+    """Array tasks spread over folders; every fourth one fails with a rate limit."""
+    for f in range(folders):
+        sub = root / f"part_{f}"
+        sub.mkdir(parents=True)
+        for t in range(tasks):
+            task = f * tasks + t
+            body = f"INFO start {task}\n" + (
+                "Traceback (most recent call last):\n"
+                '  File "x.py", line 1, in <module>\n'
+                "openai.RateLimitError: Error code: 429\n"
+                if task % 4 == 0
+                else "results saved\n"
+            )
+            (sub / f"sweep_5001_{task}.err").write_text(body)
+            (sub / f"sweep_5001_{task}.out").write_text("step 1\n")
+
+
+def test_worker_pool_gives_the_serial_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool starts while the walk is still going (folder by folder); its verdicts and
+    warnings equal a scan in this process."""
+    from daemon import analyze
+
+    _sweep(tmp_path / "logs", folders=4, tasks=30)
+    # a copy of one task in a later folder: the newer is kept, both are scanned
+    (tmp_path / "logs" / "part_3" / "sweep_5001_1.err").write_text("KeyError: 'a'\n")
+    serial = run_analyze(
+        Settings(), log_dir=tmp_path / "logs", csv_path=tmp_path / "s.csv", offline=True
+    )
+    started: list[int] = []
+    real_add = analyze._ScanPool.add
+
+    def add(self: analyze._ScanPool, jobs: list[analyze.JobLogs]) -> None:
+        real_add(self, jobs)
+        if self.pool is not None and not started:
+            started.append(len(self.futures))
+
+    monkeypatch.setattr(analyze, "PARALLEL_MIN_FILES", 20)
+    monkeypatch.setattr(analyze._ScanPool, "add", add)
+    pooled = run_analyze(
+        Settings(), log_dir=tmp_path / "logs", csv_path=tmp_path / "p.csv", offline=True
+    )
+    assert started and started[0] < 120  # it began before the walk had found every task
+    assert Path(tmp_path / "p.csv").read_text() == Path(tmp_path / "s.csv").read_text()
+    assert pooled.to_json()["failures"] == serial.to_json()["failures"]
+    assert pooled.warnings == serial.warnings
+    assert pooled.summary == serial.summary
+    assert serial.summary.failed == 30 + 1  # 120 / 4 rate limits, and the KeyError copy
