@@ -18,6 +18,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+# imported before the worker processes fork, so they inherit it rather than each import it
+from .classify import build_table, decide, pack_findings, scan_findings, unpack_findings
 from .errors import InputError, SlurmError, TriageError
 from .logs import JobLogs, scan_log_tree
 from .model import ACTIVE_STATES, ErrorType, Outcome, SacctRow, TaskKey, Verdict
@@ -38,7 +40,7 @@ from .report import (
 )
 
 if TYPE_CHECKING:
-    from .classify import ScanFindings, SignatureTable
+    from .classify import PackedFindings, ScanFindings, SignatureTable
     from .settings import ClassifySettings, Settings
 
 # Below these, starting worker processes costs more than it saves.
@@ -174,8 +176,6 @@ _WORKER_SETTINGS: ClassifySettings | None = None
 
 def _init_worker(classify_settings: ClassifySettings) -> None:
     global _WORKER_TABLE, _WORKER_SETTINGS
-    from .classify import build_table
-
     if _WORKER_TABLE is not None and _WORKER_SETTINGS == classify_settings:
         return  # inherited from the parent through fork
     _WORKER_TABLE = build_table(classify_settings)
@@ -184,8 +184,6 @@ def _init_worker(classify_settings: ClassifySettings) -> None:
 
 def _scan_files(paths: Sequence[Path | str]) -> list[ScanFindings | str]:
     """Findings per file, or an error message for a file that could not be read."""
-    from .classify import scan_findings
-
     assert _WORKER_TABLE is not None
     out: list[ScanFindings | str] = []
     for path in paths:
@@ -234,8 +232,12 @@ def _batches(jobs: Sequence[JobLogs]) -> list[list[JobLogs]]:
     return out
 
 
-def _scan_batch(batch: Sequence[Sequence[str]]) -> list[list[ScanFindings | str]]:
-    return [_scan_files(paths) for paths in batch]
+def _scan_batch(batch: Sequence[Sequence[str]]) -> list[list[PackedFindings | str]]:
+    """``_scan_files`` for each job of a batch, in a worker process (packed for the trip)."""
+    return [
+        [r if isinstance(r, str) else pack_findings(r) for r in _scan_files(paths)]
+        for paths in batch
+    ]
 
 
 class _ScanPool:
@@ -252,7 +254,7 @@ class _ScanPool:
         self.pool: ProcessPoolExecutor | None = None
         self.waiting: list[JobLogs] = []
         self.waiting_bytes = 0
-        self.futures: dict[int, tuple[Future[list[list[ScanFindings | str]]], int]] = {}
+        self.futures: dict[int, tuple[Future[list[list[PackedFindings | str]]], int]] = {}
         self.parallel = (os.cpu_count() or 1) > 1
 
     def add(self, jobs: Sequence[JobLogs]) -> None:
@@ -283,7 +285,7 @@ class _ScanPool:
         submitted = self.futures.pop(id(job), None)
         if submitted is not None:
             future, i = submitted
-            return future.result()[i]
+            return [r if isinstance(r, str) else unpack_findings(r) for r in future.result()[i]]
         _init_worker(self.settings)
         return _scan_files(job.paths)
 
@@ -500,7 +502,6 @@ def _analyze(
         active, sacct_rows = _query_slurm(settings, job_ids, warnings)
 
     retryable = settings.resubmit.retryable_types
-    from .classify import decide
 
     seen_keys = {j.key for j in selected}
     tasks: list[TaskResult] = []

@@ -120,14 +120,37 @@ class ScanStateError(InputError):
 # Signatures
 
 
+class LazyPattern:
+    """A built-in signature's regex, compiled on its first search.
+
+    Most runs meet a handful of the ~50 built-in signatures (the RE2 pre-selection names
+    the candidates), and each analyze worker builds its own table: compiling all of them
+    up front cost more than the scan of a typical log."""
+
+    __slots__ = ("_compiled", "flags", "pattern")
+
+    def __init__(self, pattern: str, flags: int = 0) -> None:
+        self.pattern = pattern
+        self.flags = flags
+        self._compiled: re.Pattern[str] | None = None
+
+    def search(self, text: str) -> re.Match[str] | None:
+        compiled = self._compiled
+        if compiled is None:
+            compiled = self._compiled = re.compile(self.pattern, self.flags)
+            # what re.compile reports: (?i) in the pattern shows up in the flags
+            self.flags = compiled.flags
+        return compiled.search(text)
+
+
 @dataclass(frozen=True, slots=True)
 class Signature:
     name: str
     type: ErrorType
-    regex: re.Pattern[str]
+    regex: re.Pattern[str] | LazyPattern
     where: Where
     # a line matching this is not this signature (e.g. Google per-minute quota vs billing)
-    unless: re.Pattern[str] | None = None
+    unless: re.Pattern[str] | LazyPattern | None = None
     # Slurm lines only: 2 = decides, 1 = plain cancel, 0 = hint used when nothing else
     priority: int = 2
 
@@ -811,11 +834,11 @@ def build_table(settings: ClassifySettings) -> SignatureTable:
         (user_slurm if us.where == "slurm" else user_any).append(sig)
         extra_prefilter.append(_bytes_pattern(us.pattern, us.ignore_case))
     builtin = [
-        Signature(name, typ, re.compile(rx), where, re.compile(unless) if unless else None)
+        Signature(name, typ, LazyPattern(rx), where, LazyPattern(unless) if unless else None)
         for name, typ, rx, where, unless in _BUILTIN
     ]
     slurm = [
-        Signature(name, typ, re.compile(rx), "slurm", None, prio) for name, typ, rx, prio in _SLURM
+        Signature(name, typ, LazyPattern(rx), "slurm", None, prio) for name, typ, rx, prio in _SLURM
     ]
     markers = tuple(m.lower() for m in settings.success_markers if m.strip())
     words = [_PREFILTER_WORDS, *extra_prefilter]
@@ -985,6 +1008,54 @@ class ScanFindings:
     success: Hit | None = None
     slurm: Hit | None = None
     final: FinalError | None = None
+
+
+# Findings cross a process boundary as plain tuples (analyze's workers): pickling the
+# dataclasses themselves cost twice as much, most of a small file's scan.
+PackedHit = tuple[int, str, "str | None", "str | None", str, int]
+PackedFindings = tuple[
+    str, int, "PackedHit | None", "PackedHit | None", "tuple[str, tuple[PackedHit, ...]] | None"
+]
+_TYPES_BY_VALUE = {t.value: t for t in ErrorType}
+
+
+def _pack_hit(hit: Hit) -> PackedHit:
+    typ = hit.error_type
+    return (
+        hit.line_no,
+        hit.text,
+        typ.value if typ else None,
+        hit.signature,
+        hit.role,
+        hit.priority,
+    )
+
+
+def _unpack_hit(packed: PackedHit) -> Hit:
+    line_no, text, typ, signature, role, priority = packed
+    return Hit(line_no, text, _TYPES_BY_VALUE[typ] if typ else None, signature, role, priority)
+
+
+def pack_findings(found: ScanFindings) -> PackedFindings:
+    success, slurm, final = found.success, found.slurm, found.final
+    return (
+        found.source,
+        found.lines,
+        None if success is None else _pack_hit(success),
+        None if slurm is None else _pack_hit(slurm),
+        None if final is None else (final.kind, tuple(map(_pack_hit, final.entries))),
+    )
+
+
+def unpack_findings(packed: PackedFindings) -> ScanFindings:
+    source, lines, success, slurm, final = packed
+    return ScanFindings(
+        source,
+        lines,
+        None if success is None else _unpack_hit(success),
+        None if slurm is None else _unpack_hit(slurm),
+        None if final is None else FinalError(final[0], tuple(map(_unpack_hit, final[1]))),
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -275,3 +275,27 @@ def test_worker_pool_gives_the_serial_result(
     assert pooled.warnings == serial.warnings
     assert pooled.summary == serial.summary
     assert serial.summary.failed == 30 + 1  # 120 / 4 rate limits, and the KeyError copy
+
+
+def test_console_command_prints_everything_before_its_fast_exit(tree: Path) -> None:
+    """``python -m daemon`` (the console entry) ends analyze with os._exit: the output
+    must be complete, the status kept, and a reader that goes away is no traceback."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SLURM_TRIAGE_")}
+    argv = [sys.executable, "-m", "daemon", "analyze", "logs", EXP, "--offline"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (GOLDEN / "examples.txt").read_text()
+    missing = subprocess.run(
+        [*argv[:4], "nowhere", "--offline"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert missing.returncode == 1
+    assert missing.stderr == "slurm-triage: error: log folder not found: nowhere\n"
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before anything is written (`| true`)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0
+    assert err == b""  # no "Exception ignored ... BrokenPipeError" from a late flush

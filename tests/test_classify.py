@@ -442,3 +442,23 @@ def test_cli_only_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_cli_directory_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["classify", str(tmp_path)]) == 1
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_every_builtin_signature_compiles() -> None:
+    """Built-in regexes compile on first use (LazyPattern): a typo would only show when a
+    log first reaches that signature, so compile them all here."""
+    import re as stdlib_re
+
+    from daemon.classify import LazyPattern
+    from daemon.settings import ClassifySettings
+
+    table = build_table(ClassifySettings())
+    lazy = [
+        rx
+        for sig in (*table.signatures, *table.slurm)
+        for rx in (sig.regex, sig.unless)
+        if isinstance(rx, LazyPattern)
+    ]
+    assert len(lazy) >= len(C._BUILTIN) + len(C._SLURM)
+    for rx in lazy:
+        stdlib_re.compile(rx.pattern, rx.flags)  # raises on a bad pattern
