@@ -21,9 +21,11 @@ import json
 import operator
 import os
 import secrets
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import repeat
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, cast
@@ -156,15 +158,26 @@ class Ledger:
         }
 
     @classmethod
-    def from_json(cls, data: Any) -> Ledger:
-        """Build from a current-version document. Raises LedgerCorrupt on a wrong shape."""
+    def from_json(cls, data: Any, *, raw: bytes | None = None) -> Ledger:
+        """Build from a current-version document. Raises LedgerCorrupt on a wrong shape.
+
+        ``raw``: the file ``data`` was parsed from, unmigrated. Each job and cursor then
+        starts with its row from there as the cached ``_row`` when the file is laid out
+        as ``save`` writes it (``_seed_rows``), so the next save encodes only changes.
+        """
         if not isinstance(data, dict):
             raise LedgerCorrupt("top level is not a JSON object")
         try:
             outbox_raw = _expect(data.get("outbox", []), list, "outbox")
             intents_raw = _expect(data.get("intents", {}), dict, "intents")
-            job_list = _table(JobRecordBase, _JOB_FIELDS, data.get("jobs"), "jobs")
-            cursor_list = _table(LogCursorBase, _CURSOR_FIELDS, data.get("cursors"), "cursors")
+            job_list, jobs_exact = _table(JobRecordBase, _JOB_FIELDS, data.get("jobs"), "jobs")
+            cursor_list, cursors_exact = _table(
+                LogCursorBase, _CURSOR_FIELDS, data.get("cursors"), "cursors"
+            )
+            if raw is not None and _orjson is not None:
+                _seed_rows(
+                    raw, job_list if jobs_exact else None, cursor_list if cursors_exact else None
+                )
             jobs = {r.key: r for r in _tracking(job_list, JobRecord)}
             cursors = {c.path: c for c in _tracking(cursor_list, LogCursor)}
             outbox = [_build(OutboxMessage, _OUTBOX_FIELDS, v) for v in outbox_raw]
@@ -210,14 +223,18 @@ _JOB_ROW = operator.attrgetter(*_JOB_FIELDS)
 _CURSOR_ROW = operator.attrgetter(*_CURSOR_FIELDS)
 
 
-def _table(cls: Callable[..., R], names: tuple[str, ...], data: Any, what: str) -> list[R]:
+def _table(
+    cls: Callable[..., R], names: tuple[str, ...], data: Any, what: str
+) -> tuple[list[R], bool]:
     """Rebuild records from ``{"columns": [...], "rows": [...]}``.
 
     A row is an array matching ``columns`` (what ``save`` writes) or an object keyed by
     field name (what migrations write, since they cannot know every column's default).
+    The flag says every row was an array in exactly the current columns: only then can
+    a row's line in the file stand for what encoding the record gives (``_seed_rows``).
     """
     if data is None:
-        return []
+        return [], False
     if not isinstance(data, dict):
         raise LedgerCorrupt(f"{what!r} is not a JSON object")
     columns = data.get("columns")
@@ -227,12 +244,12 @@ def _table(cls: Callable[..., R], names: tuple[str, ...], data: Any, what: str) 
     width = len(columns)
     if all(type(row) is list and len(row) == width for row in rows):
         if tuple(columns) == names:
-            return [cls(*row) for row in rows]
+            return [cls(*row) for row in rows], True
         # Columns from another release (added or dropped fields): match by name; unknown
         # ones are dropped, missing ones take their defaults.
         allowed = _FIELD_SETS[names]
         idx = [(i, c) for i, c in enumerate(columns) if isinstance(c, str) and c in allowed]
-        return [cls(**{c: row[i] for i, c in idx}) for row in rows]
+        return [cls(**{c: row[i] for i, c in idx}) for row in rows], False
     out = []
     for row in rows:
         if isinstance(row, dict):
@@ -241,7 +258,7 @@ def _table(cls: Callable[..., R], names: tuple[str, ...], data: Any, what: str) 
             out.append(_build(cls, names, dict(zip(columns, row, strict=True))))
         else:
             raise LedgerCorrupt(f"{what!r} has a row that does not match its {width} columns")
-    return out
+    return out, False
 
 
 def _tracking(records: list[Any], cls: type[R]) -> list[R]:
@@ -332,8 +349,14 @@ def migrate(doc: dict[str, Any], source: str = "ledger") -> tuple[dict[str, Any]
     return doc, original
 
 
-def parse_ledger(raw: bytes, source: str = "ledger") -> tuple[Ledger, int]:
-    """Decode and migrate. Raises LedgerCorrupt (bad data) or LedgerTooNew."""
+def parse_ledger(
+    raw: bytes, source: str = "ledger", *, seed_rows: bool = True
+) -> tuple[Ledger, int]:
+    """Decode and migrate. Raises LedgerCorrupt (bad data) or LedgerTooNew.
+
+    ``seed_rows``: give records their cached rows from ``raw`` (``Ledger.from_json``);
+    worth it only for a ledger that will be saved again.
+    """
     with _gc_paused():
         try:
             doc = _loads(raw)
@@ -343,7 +366,8 @@ def parse_ledger(raw: bytes, source: str = "ledger") -> tuple[Ledger, int]:
             raise LedgerCorrupt(f"{source}: top level is not a JSON object")
         doc, original = migrate(doc, source)
         try:
-            ledger = Ledger.from_json(doc)
+            seed = seed_rows and original == SCHEMA_VERSION  # migrated: rows are objects
+            ledger = Ledger.from_json(doc, raw=raw if seed else None)
         except LedgerCorrupt as exc:
             raise LedgerCorrupt(f"{source}: {exc}") from exc
     return ledger, original
@@ -361,6 +385,11 @@ def encode_ledger_parts(ledger: Ledger) -> list[bytes]:
     records changed since the last save are encoded again. The rows are joined in
     groups of ``_ROWS_PER_PART`` (~1 MB): no single copy of the whole table, and few
     enough parts for ``writev``.
+
+    Layout (what ``_seed_rows`` relies on): each table row on a line of its own and a
+    comma line between rows, ``"rows":[\n<row>\n,\n<row>\n]``, an empty table
+    ``"rows":[\n]``; the document has no other raw newline (encoders escape newlines in
+    strings).
     """
     with _gc_paused():
         jobs = ledger.jobs.values()
@@ -375,13 +404,13 @@ def encode_ledger_parts(ledger: Ledger) -> list[bytes]:
             _dumps(ledger.created_at),
             b',"jobs":{"columns":',
             _JOB_COLUMNS_JSON,
-            b',"rows":[',
+            b',"rows":[\n',
         ]
         _add_rows(parts, _cached_rows(jobs, _JOB_ROW))
-        parts += [b']},"cursors":{"columns":', _CURSOR_COLUMNS_JSON, b',"rows":[']
+        parts.append(_CURSORS_OPEN)
         _add_rows(parts, _cached_rows(cursors, _CURSOR_ROW))
         parts += [
-            b']},"outbox":',
+            _TABLES_END,
             _dumps([m.to_json() for m in ledger.outbox]),
             b',"intents":',
             _dumps({k: i.to_json() for k, i in ledger.intents.items()}),
@@ -417,22 +446,42 @@ _JOB_COLUMNS_JSON = _dumps(_JOB_FIELDS)
 _CURSOR_COLUMNS_JSON = _dumps(_CURSOR_FIELDS)
 _set_row = object.__setattr__  # stores the cache without invalidating it
 
+# The table layout ``encode_ledger_parts`` writes and ``_seed_rows`` expects.
+# The comma between rows gets a line of its own: splitting the file on newlines then
+# yields each row's exact bytes (no trailing comma to cut off, which would copy every
+# row again and leave the first copies as a 60 MB hole in the heap), and the comma
+# lines are the interpreter's shared one-byte object.
+_ROW_SEP = b"\n,\n"
+_JOBS_OPEN = b',"jobs":{"columns":' + _JOB_COLUMNS_JSON + b',"rows":[\n'
+_CURSORS_OPEN = b']},"cursors":{"columns":' + _CURSOR_COLUMNS_JSON + b',"rows":[\n'
+_TABLES_END = b']},"outbox":'
+# Rows orjson refuses (an int beyond 64 bits) are encoded by the stdlib and start with
+# this space. They must not be seeded at load: orjson reads such an int back as a float,
+# and the stdlib writes floats differently (``1e+16``, orjson ``1e16``), so the line is
+# not what encoding the loaded record gives. The space is JSON whitespace.
+_STDLIB_MARK = b" "
+
+
+def _encode_row(value: Any) -> bytes:
+    """One table row's bytes, as cached in ``_row`` and written on its own line."""
+    if _orjson is not None:
+        try:
+            # orjson returns a 1 KB buffer shrunk in place; 100k of those kept as the
+            # cache would hold ~1 KB each (2.7x the bytes): an exact-size copy does not
+            return memoryview(_orjson.dumps(value)).tobytes()
+        except TypeError:  # e.g. an int beyond 64 bits; the stdlib copes
+            pass
+    return _STDLIB_MARK + _dumps_stdlib(value)
+
 
 def _cached_rows(records: Iterable[Any], getter: Callable[[Any], Any]) -> list[bytes]:
     """Each record's row: its cached ``_row``, or encoded now and cached."""
     recs = records if isinstance(records, list) else list(records)
     rows: list[Any] = [rec._row for rec in recs]
     missing = [i for i, row in enumerate(rows) if row is None]
-    dumps = _orjson.dumps if _orjson is not None else None
     for i in missing:
         rec = recs[i]
-        value = getter(rec)
-        try:
-            # orjson returns a 1 KB buffer shrunk in place; 100k of those kept as the
-            # cache would hold ~1 KB each (2.7x the bytes): an exact-size copy does not
-            row = memoryview(dumps(value)).tobytes() if dumps is not None else _dumps(value)
-        except TypeError:  # e.g. an int beyond 64 bits; the stdlib copes
-            row = _dumps_stdlib(value)
+        row = _encode_row(getter(rec))
         _set_row(rec, "_row", row)
         rows[i] = row
     return rows
@@ -442,8 +491,10 @@ def _add_rows(parts: list[bytes], rows: list[bytes]) -> None:
     step = _ROWS_PER_PART
     for start in range(0, len(rows), step):
         if start:
-            parts.append(b",")
-        parts.append(b",".join(rows[start : start + step]))
+            parts.append(_ROW_SEP)
+        parts.append(_ROW_SEP.join(rows[start : start + step]))
+    if rows:
+        parts.append(b"\n")
 
 
 def _verify_rows(records: Iterable[Any], getter: Callable[[Any], Any], what: str) -> None:
@@ -451,7 +502,7 @@ def _verify_rows(records: Iterable[Any], getter: Callable[[Any], Any], what: str
         cached = rec._row
         if cached is None:
             continue
-        fresh = _dumps(getter(rec))
+        fresh = _encode_row(getter(rec))
         if fresh != cached:
             name = rec.key if what == "job" else rec.path
             msg = (
@@ -460,6 +511,66 @@ def _verify_rows(records: Iterable[Any], getter: Callable[[Any], Any], what: str
             )
             stale_rows_seen.append(msg)
             raise AssertionError(msg)
+
+
+def _seed_rows(raw: bytes, jobs: list[Any] | None, cursors: list[Any] | None) -> None:
+    """Give the loaded records their line of ``raw`` as the cached ``_row``.
+
+    ``raw`` parsed into ``jobs`` and ``cursors`` (None: a table not to seed, its rows
+    were not positional in the current columns; no jobs, nothing seeded). Only a file
+    laid out exactly as ``encode_ledger_parts`` writes it is used: both table headers,
+    then per table one line per parsed row, every row line ``[...]``, a ``,`` line
+    between rows. Anything else (a file from before rows had their own lines, a
+    hand-edited one) seeds nothing for the table, which only costs a full encode at
+    the next save. Never raises for data.
+    """
+    if jobs is None:  # the cursors' lines are found by counting the jobs'
+        return
+    lines = raw.split(b"\n")
+    j_end = 1 + _table_lines(len(jobs))
+    if (
+        not lines[0].endswith(_JOBS_OPEN[:-1])
+        or j_end >= len(lines)
+        or lines[j_end] != _CURSORS_OPEN[:-1]
+        or not lines[-1].startswith(_TABLES_END)
+    ):
+        return
+    if jobs:
+        _seed_table(jobs, lines[1:j_end])
+    if cursors and len(lines) == j_end + 1 + _table_lines(len(cursors)) + 1:
+        _seed_table(cursors, lines[j_end + 1 : -1])
+
+
+def _table_lines(rows: int) -> int:
+    return max(0, 2 * rows - 1)  # a line per row and a comma line between two
+
+
+def _seed_table(records: list[Any], lines: list[bytes]) -> None:
+    """``lines``: the table's lines, ``<row>``, ``,``, ``<row>``, one row per record.
+
+    All checks run before any row is stored, with ``map`` over C methods (a Python loop
+    over 100k rows costs more than the rest of the seeding).
+    """
+    rows = lines[::2]
+    commas = lines[1::2]
+    if (
+        len(rows) != len(records)
+        or commas.count(b",") != len(commas)
+        or not all(map(bytes.endswith, rows, repeat(b"]")))
+    ):
+        return
+    # the slot itself: object.__setattr__ by name would double the time
+    slot = type(records[0]).__dict__.get("_row")
+    if slot is None:  # pragma: no cover - the loader builds the slotted bases
+        return
+    if all(map(bytes.startswith, rows, repeat(b"["))):
+        deque(map(slot.__set__, records, rows), maxlen=0)
+        return
+    if not all(map(bytes.startswith, rows, repeat((b"[", _STDLIB_MARK + b"[")))):
+        return
+    for rec, row in zip(records, rows, strict=True):
+        if row.startswith(b"["):  # not the stdlib's (marked) rows
+            slot.__set__(rec, row)
 
 
 def _loads(raw: bytes) -> Any:
@@ -496,7 +607,7 @@ def read_ledger(path: Path | str) -> Ledger:
         except OSError as exc:
             raise LedgerError(f"cannot read ledger {candidate}: {exc.strerror}") from exc
         try:
-            ledger, _ = parse_ledger(raw, str(candidate))
+            ledger, _ = parse_ledger(raw, str(candidate), seed_rows=False)  # never saved
         except LedgerTooNew:
             raise
         except LedgerCorrupt:
