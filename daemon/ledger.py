@@ -8,7 +8,8 @@ stays bounded. A ``flock`` on ``ledger.lock`` keeps a second daemon out.
 
 Records are plain dataclasses (``records.py``) so 100k of them convert with dict
 comprehensions; pydantic would be an order of magnitude slower here. Each job and
-cursor caches its encoded row, so a save re-encodes only the records that changed.
+cursor caches its encoded row, so a save re-encodes only the records that changed; the
+file has each row on a line of its own, and a load seeds the cache from those lines.
 """
 
 from __future__ import annotations
