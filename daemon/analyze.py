@@ -12,7 +12,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +39,8 @@ from .report import (
 )
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future, ProcessPoolExecutor
+
     from .classify import PackedFindings, ScanFindings, SignatureTable
     from .settings import ClassifySettings, Settings
 
@@ -268,6 +269,8 @@ class _ScanPool:
         ):
             return
         if self.pool is None:
+            from concurrent.futures import ProcessPoolExecutor  # only for a big tree
+
             self.pool = ProcessPoolExecutor(
                 max_workers=min(os.cpu_count() or 1, 8),
                 initializer=_init_worker,

@@ -17,7 +17,6 @@ without a suffix from ``analyze.log_suffixes``) with named groups ``job`` and op
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -29,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, InputError
 from .model import TaskKey
-from .records import LogCursor
 
 if TYPE_CHECKING:
     from .classify import ScanFindings, SignatureTable
+    from .records import LogCursor
     from .settings import AnalyzeSettings
 
 log = logging.getLogger(__name__)
@@ -450,6 +449,8 @@ def restart_reason(cursor: LogCursor, st: FileStat) -> str | None:
 
 
 def _head_signature(data: bytes) -> str:
+    import hashlib  # the daemon's path only: analyze never fingerprints
+
     return f"{len(data)}:{hashlib.sha1(data, usedforsecurity=False).hexdigest()}"
 
 
