@@ -658,15 +658,7 @@ def test_cached_encoding_always_equals_a_fresh_one(
     file holds exactly ``to_json()``."""
     led = _sample()
     for job_changes, cursor_changes, drop in rounds:
-        for n, changes in job_changes:
-            rec = led.get_or_create_job(f"300_{n}", now=NOW)
-            for name, value in changes.items():
-                setattr(rec, name, value)
-        for n, changes in cursor_changes:
-            path = f"/l/{n}.err"
-            cur = led.cursors.setdefault(path, LogCursor(path=path, key=f"300_{n}"))
-            for name, value in changes.items():
-                setattr(cur, name, value)
+        _apply_changes(led, job_changes, cursor_changes)
         if drop and led.jobs:
             del led.jobs[next(iter(led.jobs))]
         assert _parsed(led) == _reference(led)
@@ -972,6 +964,23 @@ def test_a_file_the_stdlib_wrote_seeds_nothing(
     assert loaded == led and _seeded(loaded) == (set(), set())
 
 
+def _apply_changes(
+    led: Ledger,
+    job_changes: list[tuple[int, dict[str, Any]]],
+    cursor_changes: list[tuple[int, dict[str, Any]]],
+) -> None:
+    """Set the given fields on jobs ``300_n`` and on their cursors, creating them."""
+    for n, changes in job_changes:
+        rec = led.get_or_create_job(f"300_{n}", now=NOW)
+        for name, value in changes.items():
+            setattr(rec, name, value)
+    for n, changes in cursor_changes:
+        path = f"/l/{n}.err"
+        cur = led.cursors.setdefault(path, LogCursor(path=path, key=f"300_{n}"))
+        for name, value in changes.items():
+            setattr(cur, name, value)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     job_changes=st.lists(st.tuples(st.integers(0, 7), _job_changes), max_size=6),
@@ -982,15 +991,7 @@ def test_every_seeded_row_equals_a_fresh_encoding(
     cursor_changes: list[tuple[int, dict[str, Any]]],
 ) -> None:
     led = _sample()
-    for n, changes in job_changes:
-        rec = led.get_or_create_job(f"300_{n}", now=NOW)
-        for name, value in changes.items():
-            setattr(rec, name, value)
-    for n, changes in cursor_changes:
-        path = f"/l/{n}.err"
-        cur = led.cursors.setdefault(path, LogCursor(path=path, key=f"300_{n}"))
-        for name, value in changes.items():
-            setattr(cur, name, value)
+    _apply_changes(led, job_changes, cursor_changes)
     raw = ledger_mod.encode_ledger(led)
     loaded, _ = ledger_mod.parse_ledger(raw)
     for rec in (*loaded.jobs.values(), *loaded.cursors.values()):
