@@ -458,19 +458,27 @@ def _classify_finished(
 def _update_from_row(record: JobRecord, row: SacctRow) -> None:
     from .slurm import PLACEHOLDER_JOB_NAME
 
+    fields: dict[str, Any] = {
+        "user": row.user or record.user,
+        "exit_code": row.exit_code,
+        "elapsed_s": row.elapsed_s,
+        "total_cpu_s": row.total_cpu_s,
+        "submitted_at": iso(row.submit) or record.submitted_at,
+        "started_at": iso(row.start) or record.started_at,
+    }
     if row.job_name not in ("", PLACEHOLDER_JOB_NAME):
-        record.job_name = row.job_name
-    record.user = row.user or record.user
+        fields["job_name"] = row.job_name
     if row.work_dir:
-        record.work_dir = row.work_dir
+        fields["work_dir"] = row.work_dir
     if row.submit_line:
-        record.submit_line = row.submit_line
-    record.exit_code = row.exit_code
-    record.elapsed_s = row.elapsed_s
-    record.total_cpu_s = row.total_cpu_s
-    record.submitted_at = iso(row.submit) or record.submitted_at
-    record.started_at = iso(row.start) or record.started_at
-    record.finished_at = iso(row.end) if row.finished else record.finished_at
+        fields["submit_line"] = row.submit_line
+    if row.finished:
+        fields["finished_at"] = iso(row.end)
+    # Every tick meets every running job again: set only what changed, so the record's
+    # cached ledger row (dropped by any assignment) survives a tick that learns nothing.
+    for name, value in fields.items():
+        if getattr(record, name) != value:
+            setattr(record, name, value)
 
 
 def _attach_config(settings: Settings, record: JobRecord) -> None:
