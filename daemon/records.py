@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 T = TypeVar("T")
 
@@ -51,6 +51,20 @@ class _RowCached:
         _set(self, name, value)
         if name != "_row":
             _set(self, "_row", None)
+
+    if not TYPE_CHECKING:  # type checkers keep seeing the dataclass's own signature
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # The dataclass __init__ stores every field: run it as the plain base so
+            # those stores skip the hook (a first tick may create 100k records), then
+            # track. A new record has no cached row either way.
+            tracked = type(self)
+            base = tracked.__bases__[-1]
+            _set(self, "__class__", base)
+            try:
+                base.__init__(self, *args, **kwargs)
+            finally:
+                _set(self, "__class__", tracked)
 
 
 @dataclass(slots=True)
