@@ -289,39 +289,32 @@ def _enqueue_trouble(
         detail = f"sacct has failed {failures} ticks in a row, so finished jobs are not being seen."
         if errors:
             detail += f" Last error: {str(errors[-1])[:500]}"
-        text, blocks = build_alert("⚠️ slurm-triage cannot query Slurm", detail)
         # one alert per episode; the service clears sacct_alert_sent when sacct recovers
         health.sacct_alert_sent = True
         ledger.mark_dirty()
-        added += _add(
-            ledger,
-            OutboxMessage(
-                dedup_key=f"alert:sacct:{_iso(now)}",
-                kind="alert",
-                created_at=_iso(now),
-                text=text,
-                blocks=blocks,
-            ),
+        added += _add_alert(
+            ledger, f"alert:sacct:{_iso(now)}", now, "⚠️ slurm-triage cannot query Slurm", detail
         )
     problem = _ledger_unwritable(ledger, tick_report)
     if problem:
-        text, blocks = build_alert(
+        # at most once a day: the flag cannot be persisted while the ledger is unwritable
+        added += _add_alert(
+            ledger,
+            f"alert:ledger:{now.astimezone(timezone.utc).date().isoformat()}",
+            now,
             "⚠️ slurm-triage cannot save its ledger",
             f"{problem[:500]}. Progress since the last save will be re-done after a restart; "
             "free disk space or fix permissions on the state folder.",
         )
-        # at most once a day: the flag cannot be persisted while the ledger is unwritable
-        added += _add(
-            ledger,
-            OutboxMessage(
-                dedup_key=f"alert:ledger:{now.astimezone(timezone.utc).date().isoformat()}",
-                kind="alert",
-                created_at=_iso(now),
-                text=text,
-                blocks=blocks,
-            ),
-        )
     return added
+
+
+def _add_alert(ledger: LedgerLike, dedup_key: str, now: datetime, title: str, detail: str) -> int:
+    text, blocks = build_alert(title, detail)
+    message = OutboxMessage(
+        dedup_key=dedup_key, kind="alert", created_at=_iso(now), text=text, blocks=blocks
+    )
+    return _add(ledger, message)
 
 
 def _enqueue_recoveries(ledger: LedgerLike, on: Sequence[str], bot: bool, created: str) -> int:
