@@ -18,6 +18,7 @@ without a suffix from ``analyze.log_suffixes``) with named groups ``job`` and op
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import re
 import stat
@@ -208,7 +209,7 @@ def scan_log_tree(
         folder_s, folder = stack.pop()
         try:
             with os.scandir(folder_s) as it:
-                entries = sorted(it, key=_entry_name)
+                entries = sorted(it, key=operator.attrgetter("name"))
         except OSError as exc:
             if folder == log_dir:
                 raise InputError(f"cannot read log folder {log_dir}: {exc.strerror}") from exc
@@ -262,16 +263,8 @@ def scan_log_tree(
             if on_jobs is not None:
                 on_jobs(found)
 
-    tree.jobs = [job for job, _order in sorted(by_key.values(), key=_second)]
+    tree.jobs = [job for job, _order in sorted(by_key.values(), key=operator.itemgetter(1))]
     return tree
-
-
-def _entry_name(entry: os.DirEntry[str]) -> str:
-    return entry.name
-
-
-def _second(pair: tuple[Any, Any]) -> Any:
-    return pair[1]
 
 
 def _add_groups(

@@ -31,7 +31,7 @@ from .defaults import (
     default_state_dir,
 )
 from .errors import ConfigError
-from .model import ErrorType
+from .model import RETRYABLE_BY_DEFAULT, ErrorType
 
 
 class _Section(BaseModel):
@@ -147,15 +147,19 @@ class TypePolicy(_Section):
 
 
 def _default_type_policies() -> dict[ErrorType, TypePolicy]:
+    # enabled: the design's "resubmitted by default" column (model.RETRYABLE_BY_DEFAULT)
+    tuning: dict[ErrorType, dict[str, Any]] = {
+        ErrorType.RATE_LIMIT: {"base_delay_s": 300.0},
+        ErrorType.NETWORK: {"base_delay_s": 120.0},
+        ErrorType.EMPTY_RESPONSE: {"base_delay_s": 60.0},
+        ErrorType.NODE_FAIL: {"base_delay_s": 60.0},
+        ErrorType.PREEMPTED: {"base_delay_s": 60.0},
+        ErrorType.JSON_PARSE: {"base_delay_s": 60.0, "max_attempts": 2},
+        ErrorType.TIME_LIMIT: {"max_attempts": 2},
+        ErrorType.OOM: {"max_attempts": 2},
+    }
     return {
-        ErrorType.RATE_LIMIT: TypePolicy(enabled=True, base_delay_s=300.0),
-        ErrorType.NETWORK: TypePolicy(enabled=True, base_delay_s=120.0),
-        ErrorType.EMPTY_RESPONSE: TypePolicy(enabled=True, base_delay_s=60.0),
-        ErrorType.NODE_FAIL: TypePolicy(enabled=True, base_delay_s=60.0),
-        ErrorType.PREEMPTED: TypePolicy(enabled=True, base_delay_s=60.0),
-        ErrorType.JSON_PARSE: TypePolicy(enabled=False, base_delay_s=60.0, max_attempts=2),
-        ErrorType.TIME_LIMIT: TypePolicy(enabled=False, max_attempts=2),
-        ErrorType.OOM: TypePolicy(enabled=False, max_attempts=2),
+        typ: TypePolicy(enabled=typ in RETRYABLE_BY_DEFAULT, **kw) for typ, kw in tuning.items()
     }
 
 
