@@ -518,6 +518,64 @@ def _candidates_pattern(markers: Sequence[str], extra: Sequence[bytes] = ()) -> 
     return b"|".join(parts)
 
 
+class _HyperscanFinder:
+    """``_compile_candidates`` with Hyperscan, compiled on first use (only a big file needs
+    it; the import alone costs ~6 ms per process). ``get()`` -> ``find(buf, pos, end)``:
+    an offset inside the first line of ``buf[pos:end]`` that holds a candidate, or -1;
+    None when Hyperscan is not installed (an optional speed-up) or refuses the pattern.
+
+    The offset is where that match ends, not where it starts (Hyperscan reports ends;
+    asking for starts costs speed): callers only look at the line around it, and the
+    pattern cannot match a newline, so it is the same line. Matching is on bytes with
+    ASCII case folding; the pattern names the only non-ASCII characters that lower-case
+    to ASCII letters, so it finds every line RE2's finder must find (it may find a few
+    more: ``_Picker`` checks each line again with RE2)."""
+
+    def __init__(self, pattern: bytes) -> None:
+        self.pattern = pattern
+        self._find: Callable[[bytes, int, int], int] | None = None
+        self._tried = False
+        self._lock = threading.Lock()  # one scratch space per database: one scan at a time
+
+    def get(self) -> Callable[[bytes, int, int], int] | None:
+        if not self._tried:
+            self._tried = True
+            self._find = self._compile()
+        return self._find
+
+    def _compile(self) -> Callable[[bytes, int, int], int] | None:
+        try:
+            hs = importlib.import_module("hyperscan")
+            database = hs.Database(mode=hs.HS_MODE_BLOCK)
+            database.compile(expressions=[self.pattern], flags=[hs.HS_FLAG_SINGLEMATCH])
+            terminated = hs.ScanTerminated
+        except Exception:  # not installed, no wheel for this machine, a refused pattern
+            return None
+        scan, lock = database.scan, self._lock
+        match_end = [0]
+
+        def on_match(_id: int, _start: int, end: int, _flags: int, _context: object) -> bool:
+            match_end[0] = end
+            return True  # stop at the first match
+
+        def find_hs(buf: bytes, pos: int, end: int) -> int:
+            with lock:
+                try:
+                    scan(memoryview(buf)[pos:end], match_event_handler=on_match)
+                except terminated:
+                    return pos + match_end[0] - 1
+            return -1
+
+        return find_hs
+
+
+def _hyperscan_candidates(markers: Sequence[str]) -> _HyperscanFinder | None:
+    if any("\n" in marker or "\r" in marker for marker in markers):
+        return None  # a marker no single line can hold: leave it to the exact paths
+    pattern = _candidates_pattern(markers)
+    return None if pattern is None else _HyperscanFinder(pattern)
+
+
 # --- the skim search: the prefilter without most informational lines --------------------
 #
 # Most prefilter hits of a real log are INFO lines (an httpx access line with "HTTP/1.1
@@ -778,6 +836,9 @@ class SignatureTable:
     # the same candidates as a POSIX ERE for GNU grep (LC_ALL=C), a faster search over a
     # big file's head; None when grep could miss one (see _candidates_ere)
     candidates_ere: bytes | None = field(default=None, repr=False)
+    # the same candidates with Hyperscan when installed (~3x faster than GNU grep over a big
+    # file's head, ~5x faster than RE2); None: not installed, or it refused the pattern
+    candidates_hs: _HyperscanFinder | None = field(default=None, repr=False)
     # candidates plus chain/"ignored" words: a line without any of these that has an
     # informational level is skipped before decoding (LogScanner._block)
     busy_find: Callable[[bytes, int, int], int] | None = field(default=None, repr=False)
@@ -860,6 +921,7 @@ def build_table(settings: ClassifySettings) -> SignatureTable:
         prefilter_find=_finder(prefilter),
         candidates_find=_compile_candidates(markers),
         candidates_ere=_candidates_ere(markers),
+        candidates_hs=_hyperscan_candidates(markers),
         # what makes an informational line matter before its level is looked at (_scan)
         busy_find=_compile_candidates(markers, busy_extra),
         # user signatures may match across a newline (the skim search works line by line)
@@ -1471,8 +1533,13 @@ TB_REACH = MAX_FRAME_LINES + MAX_CONTINUATION + 16
 # Quiet lines (``_is_quiet``) before the tail: the joining rules look back at most 3 lines.
 QUIET_LINES = 4
 MAX_HEAD_CANDIDATES = 20_000
-# GNU grep finds the head's candidate lines when installed (tests turn it off to compare)
+# Hyperscan, else GNU grep, finds the head's candidate lines when installed (tests turn
+# them off to compare)
+USE_HYPERSCAN = True
 USE_GREP = True
+# Hyperscan's reads of a head: 1 MB stays in cache between the read and the search (4 MB
+# chunks measured ~0.02 s slower per 200 MB) and keeps a worker's memory small
+SPOT_CHUNK = 1 << 20
 _PROBE_BYTES = 256 << 10
 
 
@@ -1620,6 +1687,161 @@ def _limit_memory() -> None:  # pragma: no cover - runs in the child before exec
     resource.setrlimit(resource.RLIMIT_AS, (GREP_MEMORY_LIMIT, GREP_MEMORY_LIMIT))
 
 
+def _tool_env() -> dict[str, str]:
+    return {"LC_ALL": "C", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+
+
+def _fd_source(fh: Any, path: str) -> tuple[int, str]:
+    """The file already open, not its name, for a helper tool: the same inode even if the
+    log is rotated meanwhile (opening /dev/fd/N gives the tool its own offset)."""
+    fd = fh.fileno()
+    return fd, (f"/dev/fd/{fd}" if os.path.exists(f"/dev/fd/{fd}") else path)
+
+
+def _tool_timeout(size: int) -> float:
+    return GREP_TIMEOUT_S + GREP_SECONDS_PER_GB * size / 2**30
+
+
+def _start_wc(fh: Any, path: str) -> subprocess.Popen[bytes] | None:
+    """``wc -lc`` over the open file, running while this process reads the head."""
+    wc = _tool("wc")
+    if wc is None:
+        return None
+    fd, src = _fd_source(fh, path)
+    try:
+        return subprocess.Popen(
+            [wc, "-lc", "--", src],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            env=_tool_env(),
+            pass_fds=(fd,),
+        )
+    except OSError:
+        return None
+
+
+def _wc_newlines(counter: subprocess.Popen[bytes], size: int) -> int | None:
+    """The newlines ``_start_wc`` counted; None if it failed or the file changed size."""
+    try:
+        counted, _ = counter.communicate(timeout=_tool_timeout(size))
+    except subprocess.TimeoutExpired:
+        counter.kill()
+        counter.wait()
+        return None
+    fields = counted.split()
+    if counter.returncode != 0 or len(fields) < 2 or int(fields[1]) != size:
+        return None
+    return int(fields[0])
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait()
+
+
+def _head_newlines(fh: Any, q: int, size: int, total: int) -> int | None:
+    """Newlines in ``[0, q)`` given ``total`` in the whole file: counts only the tail."""
+    tail_lines = 0
+    fh.seek(q)
+    pos = q
+    while pos < size:
+        chunk = fh.read(min(READ_CHUNK, size - pos))
+        if not chunk:
+            return None
+        tail_lines += chunk.count(b"\n")
+        pos += len(chunk)
+    return total - tail_lines
+
+
+def _hyperscan_spots(
+    fh: Any, find: Callable[[bytes, int, int], int], q: int
+) -> list[tuple[int, bytes]] | None:
+    """(offset, first MAX_LINE_BYTES) of each line in ``[0, q)`` where ``find`` sees a
+    candidate; None when there are too many (the forward scan is then as fast) or the file
+    shrank. Lines are not counted here: that costs more than the search."""
+    spots: list[tuple[int, bytes]] = []
+    carry: tuple[int, bytes] | None = None  # a line begun in an earlier chunk
+    fh.seek(0)
+    pos_abs = 0
+    while pos_abs < q:
+        chunk = fh.read(min(SPOT_CHUNK, q - pos_abs))
+        if not chunk:
+            return None
+        base = pos_abs
+        pos_abs += len(chunk)
+        start = 0
+        if carry is not None:
+            nl = chunk.find(b"\n")
+            if nl < 0:
+                carry = (carry[0], (carry[1] + chunk)[:MAX_LINE_BYTES])
+                continue
+            raw = (carry[1] + chunk[:nl])[:MAX_LINE_BYTES]
+            if find(raw, 0, len(raw)) >= 0:
+                spots.append((carry[0], raw))
+            start, carry = nl + 1, None
+        last = chunk.rfind(b"\n", start)
+        if last < 0:
+            if start < len(chunk):
+                carry = (base + start, chunk[start : start + MAX_LINE_BYTES])
+            continue
+        pos = start
+        while pos <= last:
+            hit = find(chunk, pos, last + 1)
+            if hit < 0:
+                break
+            ls = max(chunk.rfind(b"\n", pos, hit) + 1, pos)
+            le = chunk.find(b"\n", hit, last + 1)
+            spots.append((base + ls, chunk[ls : min(le, ls + MAX_LINE_BYTES)]))
+            if len(spots) > 2 * MAX_HEAD_CANDIDATES:
+                return None
+            pos = le + 1
+        if last + 1 < len(chunk):
+            carry = (base + last + 1, chunk[last + 1 : last + 1 + MAX_LINE_BYTES])
+    return None if carry is not None else spots  # q is a line start unless the file changed
+
+
+def _hyperscan_head_lines(
+    fh: Any, table: SignatureTable, q: int, size: int, path: str
+) -> tuple[int, list[tuple[int, bytes]]] | Literal[False] | None:
+    """``_head_lines`` with Hyperscan finding the candidate lines (~0.45 ns/byte against GNU
+    grep's ~1.5 and RE2's ~2.5) and ``wc -l`` counting the newlines; the newlines before a
+    candidate are counted only when there is one (rare in a head). Every line Hyperscan
+    reports is checked again with the RE2 finder (``_Picker``), so the candidates are
+    exactly those of ``_head_lines``. False: Hyperscan or wc is missing or failed."""
+    find = table.candidates_hs.get() if table.candidates_hs is not None else None
+    if find is None or table.candidates_find is None:
+        return False
+    counter = _start_wc(fh, path)
+    if counter is None:
+        return False
+    try:
+        spots = _hyperscan_spots(fh, find, q)
+    except BaseException:
+        _stop(counter)
+        raise
+    if spots is None:
+        _stop(counter)
+        return None
+    total = _wc_newlines(counter, size)
+    if total is None:
+        return False
+    picker = _Picker(table.candidates_find)
+    lines, pos = 0, 0  # newlines in [0, pos)
+    fh.seek(0)
+    for offset, raw in spots:
+        while pos < offset:
+            chunk = fh.read(min(READ_CHUNK, offset - pos))
+            if not chunk:
+                return False
+            lines += chunk.count(b"\n")
+            pos += len(chunk)
+        if not picker.take(raw, lines + 1):
+            return None
+    head = _head_newlines(fh, q, size, total)
+    return False if head is None else (head, picker.out)
+
+
 def _grep_head_lines(
     fh: Any, table: SignatureTable, q: int, size: int, path: str
 ) -> tuple[int, list[tuple[int, bytes]]] | Literal[False] | None:
@@ -1629,25 +1851,13 @@ def _grep_head_lines(
     RE2 finder on the bytes the scanner would see, so the candidates are exactly those of
     ``_head_lines``. False: grep or wc is missing or failed, use ``_head_lines``."""
     ere = table.candidates_ere
-    grep, wc = _tool("grep"), _tool("wc")
-    if ere is None or grep is None or wc is None or table.candidates_find is None:
+    grep = _tool("grep")
+    if ere is None or grep is None or table.candidates_find is None:
         return False
-    env = {"LC_ALL": "C", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    # the file already open, not its name: the same inode even if the log is rotated
-    # meanwhile (opening /dev/fd/N gives grep its own offset); ``path`` names it in errors
-    fd = fh.fileno()
-    src = f"/dev/fd/{fd}" if os.path.exists(f"/dev/fd/{fd}") else path
-    timeout = GREP_TIMEOUT_S + GREP_SECONDS_PER_GB * size / 2**30
+    fd, src = _fd_source(fh, path)
     picker = _Picker(table.candidates_find)
-    try:
-        counter = subprocess.Popen(
-            [wc, "-lc", "--", src],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            pass_fds=(fd,),
-        )
-    except OSError:
+    counter = _start_wc(fh, path)
+    if counter is None:
         return False
     try:
         proc = subprocess.Popen(
@@ -1655,15 +1865,14 @@ def _grep_head_lines(
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
-            env=env,
+            env=_tool_env(),
             pass_fds=(fd,),
             preexec_fn=_limit_memory,
         )
     except OSError:
-        counter.kill()
-        counter.wait()
+        _stop(counter)
         return False
-    killer = threading.Timer(timeout, proc.kill)
+    killer = threading.Timer(_tool_timeout(size), proc.kill)
     killer.start()
     stopped = ok = False
     try:
@@ -1691,27 +1900,13 @@ def _grep_head_lines(
         if not ok or stopped:
             proc.kill()
         rc = proc.wait()
-        try:
-            counted, _ = counter.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            counter.kill()
-            counter.wait()
-            counted = b""
+        total = _wc_newlines(counter, size)
     if not stopped and rc not in (0, 1):
         return False  # killed by the timeout, out of memory, unreadable file
-    fields = counted.split()
-    if counter.returncode != 0 or len(fields) < 2 or int(fields[1]) != size:
-        return False  # the file changed meanwhile
-    tail_lines = 0
-    fh.seek(q)
-    pos = q
-    while pos < size:
-        chunk = fh.read(min(READ_CHUNK, size - pos))
-        if not chunk:
-            return False
-        tail_lines += chunk.count(b"\n")
-        pos += len(chunk)
-    return int(fields[0]) - tail_lines, picker.out
+    if total is None:
+        return False  # wc failed, or the file changed meanwhile
+    head = _head_newlines(fh, q, size, total)
+    return False if head is None else (head, picker.out)
 
 
 def _scan_whole(
@@ -1747,7 +1942,9 @@ def _scan_whole(
                 if probe._final is not None and not probe._hazard:
                     break
             window *= 2
-        head = _grep_head_lines(fh, table, q, size, source) if USE_GREP else False
+        head = _hyperscan_head_lines(fh, table, q, size, source) if USE_HYPERSCAN else False
+        if head is False:
+            head = _grep_head_lines(fh, table, q, size, source) if USE_GREP else False
         if head is False:
             head = _head_lines(fh, table, q)
         if head is None:

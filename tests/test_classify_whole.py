@@ -30,13 +30,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, params=["grep", "re2"])
+@pytest.fixture(autouse=True, params=["hyperscan", "grep", "re2"])
 def small_limits(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[None]:
     """Scanner limits small enough that a few-KB file has a head, a tail and margins; every
-    test runs with the head searched by GNU grep and by the RE2 finder."""
+    test runs with the head searched by Hyperscan (in 40-byte reads, so lines cross reads),
+    by GNU grep and by the RE2 finder."""
     monkeypatch.setattr(classify, "MAX_FRAME_LINES", 12)
     monkeypatch.setattr(classify, "TB_REACH", 12 + classify.MAX_CONTINUATION + 16)
+    monkeypatch.setattr(classify, "USE_HYPERSCAN", request.param == "hyperscan")
     monkeypatch.setattr(classify, "USE_GREP", request.param == "grep")
+    monkeypatch.setattr(classify, "SPOT_CHUNK", 40)
     yield
 
 
@@ -265,6 +268,104 @@ def test_grep_failing_falls_back_to_re2(tmp_path: Path, monkeypatch: pytest.Monk
     with open(log, "rb") as fh:
         assert classify._grep_head_lines(fh, TABLE, 100, log.stat().st_size, str(log)) is False
     assert _check(log, 256)
+
+
+# --- the Hyperscan accelerator for the head (_hyperscan_head_lines) ----------------------
+
+HAVE_HYPERSCAN = TABLE.candidates_hs is not None and TABLE.candidates_hs.get() is not None
+needs_hyperscan = pytest.mark.skipif(not HAVE_HYPERSCAN, reason="hyperscan not installed")
+
+
+@needs_hyperscan
+@pytest.mark.parametrize("chunk", [7, 64, 4096, 1 << 20])
+def test_hyperscan_head_equals_re2_head(
+    chunk: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # lines longer than MAX_LINE_BYTES and lines across reads of every size
+    import random
+
+    monkeypatch.setattr(classify, "SPOT_CHUNK", chunk)
+    rng = random.Random(7)
+    body = b"".join(rng.choice(HEAD_LINES) for _ in range(600 if chunk < 64 else 3000))
+    log = tmp_path / "h.err"
+    log.write_bytes(body + b"tail\n" * 50)
+    q = len(body)
+    with open(log, "rb") as fh:
+        via_hs = classify._hyperscan_head_lines(fh, TABLE, q, log.stat().st_size, str(log))
+        via_re2 = classify._head_lines(fh, TABLE, q)
+    assert via_hs is not False, "hyperscan was available but not used"
+    assert via_hs == via_re2
+    assert via_re2 is not None and via_re2[0] == body.count(b"\n")
+    assert len(via_re2[1]) > 200  # the candidates were really compared
+
+
+@needs_hyperscan
+def test_hyperscan_head_without_candidates_counts_lines_with_wc(tmp_path: Path) -> None:
+    log = tmp_path / "quiet.err"
+    body = NOISE * 500
+    log.write_bytes(body + b"Traceback (most recent call last):\nKeyError: 'k'\n")
+    with open(log, "rb") as fh:
+        got = classify._hyperscan_head_lines(fh, TABLE, len(body), log.stat().st_size, str(log))
+    assert got == (body.count(b"\n"), [])
+
+
+@needs_hyperscan
+def test_hyperscan_head_reads_the_open_file_not_a_rotated_one(tmp_path: Path) -> None:
+    log = tmp_path / "rot.err"
+    body = NOISE * 20 + b"a slurm line\n" + NOISE * 50
+    log.write_bytes(body + b"tail\n")
+    with open(log, "rb") as fh:
+        replacement = tmp_path / "new.err"
+        replacement.write_bytes(NOISE * 80 + b"Killed\n" + b"tail\n")
+        os.replace(replacement, log)  # rotated after the scan opened it
+        got = classify._hyperscan_head_lines(fh, TABLE, len(body), len(body) + 5, str(log))
+        assert got is not False
+        assert got == classify._head_lines(fh, TABLE, len(body))
+        assert got is not None and [n for n, _ in got[1]] == [81]
+
+
+def test_hyperscan_missing_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "hyperscan", None)  # "import hyperscan" fails
+    table = build_table(SETTINGS)
+    assert table.candidates_hs is not None and table.candidates_hs.get() is None
+    log = tmp_path / "big.err"
+    log.write_bytes(b"a slurm line\n" + NOISE * 300 + b"ERROR: Error code: 503\n")
+    with open(log, "rb") as fh:
+        assert classify._hyperscan_head_lines(fh, table, 100, log.stat().st_size, str(log)) is False
+    fast = _scan_whole(log, table, window=256, max_window=1 << 30)
+    assert fast is not None and fast[0] == _forward(log)[0]
+
+
+@needs_hyperscan
+def test_hyperscan_without_wc_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(classify._TOOLS, "wc", None)
+    log = tmp_path / "big.err"
+    log.write_bytes(b"a slurm line\n" + NOISE * 300 + b"ERROR: Error code: 503\n")
+    with open(log, "rb") as fh:
+        assert classify._hyperscan_head_lines(fh, TABLE, 100, log.stat().st_size, str(log)) is False
+    assert _check(log, 256)
+
+
+def test_hyperscan_finder_reports_the_line_of_the_first_candidate() -> None:
+    finder = classify._HyperscanFinder(b"Traceback|slurm")
+    find = finder.get()
+    if find is None:
+        pytest.skip("hyperscan not installed")
+    buf = b"plain\nx slurm y\nzz Traceback\n"
+    hit = find(buf, 0, len(buf))
+    assert buf.rfind(b"\n", 0, hit) + 1 == 6 and buf.find(b"\n", hit) == 15
+    hit = find(buf, 16, len(buf))
+    assert buf.rfind(b"\n", 0, hit) + 1 == 16
+    assert find(buf, 0, 5) == -1
+    assert find(buf, 16, 20) == -1  # the search stops at ``end``
+
+
+def test_markers_with_newlines_get_no_hyperscan_finder() -> None:
+    assert classify._hyperscan_candidates(["done\nnow"]) is None
+    assert classify._hyperscan_candidates(["fertig gespeichert \u00e4"]) is None
+    assert classify._hyperscan_candidates(["results saved"]) is not None
 
 
 def test_markers_grep_cannot_express_use_re2() -> None:
