@@ -24,6 +24,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -199,6 +200,18 @@ def measure(argv: list[str]) -> tuple[float, float, int, int, int]:
     return elapsed, cpu, peak, usage.ru_maxrss, proc.returncode
 
 
+def _triage_command() -> list[str]:
+    """The console script installed for the interpreter running the bench, as pip puts it
+    next to that interpreter; ``PATH`` may find a version manager's wrapper first (pyenv's
+    shim is a bash script that costs ~0.1 s of its own per run), which is not the tool."""
+    scripts = Path(sysconfig.get_path("scripts"))
+    for candidate in (scripts / "slurm-triage", Path(sys.executable).parent / "slurm-triage"):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return [str(candidate)]
+    exe = shutil.which("slurm-triage")
+    return [exe] if exe else [sys.executable, "-m", "daemon"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=3000)
@@ -219,8 +232,7 @@ def main() -> int:
                 f"{time.perf_counter() - t0:.1f} s under {tmp}"
             )
         grep = shutil.which("grep") or "grep"
-        exe = shutil.which("slurm-triage")
-        triage = [exe] if exe else [sys.executable, "-m", "daemon"]
+        triage = _triage_command()
         grep_argv = [grep, "-E", "-c", "-r", "--include=*.err", SEED_PATTERNS, str(tmp / "logs")]
         runs = {
             # the issue's command, and the case-insensitive one a user would run (the seed's
@@ -245,6 +257,7 @@ def main() -> int:
 
             compileall.compile_dir(str(Path(__file__).resolve().parents[1] / "daemon"), quiet=1)
             print("compiled daemon/ bytecode (PYTHONDONTWRITEBYTECODE is set here)")
+        print(f"analyze runs as: {' '.join(triage)}")
         print(
             f"{'command':<34}{'wall s':>9}{'cpu s':>8}{'peak PSS (tree) MB':>21}"
             f"{'max RSS/proc MB':>18}"

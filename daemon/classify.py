@@ -518,6 +518,10 @@ def _candidates_pattern(markers: Sequence[str], extra: Sequence[bytes] = ()) -> 
     return b"|".join(parts)
 
 
+class _HyperscanFailed(Exception):
+    """A Hyperscan scan failed (out of scratch memory, ...): the caller takes another way."""
+
+
 class _HyperscanFinder:
     """``_compile_candidates`` with Hyperscan, compiled on first use (only a big file needs
     it; the import alone costs ~6 ms per process). ``get()`` -> ``find(buf, pos, end)``:
@@ -548,7 +552,7 @@ class _HyperscanFinder:
             hs = importlib.import_module("hyperscan")
             database = hs.Database(mode=hs.HS_MODE_BLOCK)
             database.compile(expressions=[self.pattern], flags=[hs.HS_FLAG_SINGLEMATCH])
-            terminated = hs.ScanTerminated
+            terminated, failed = hs.ScanTerminated, hs.error
         except Exception:  # not installed, no wheel for this machine, a refused pattern
             return None
         scan, lock = database.scan, self._lock
@@ -564,6 +568,8 @@ class _HyperscanFinder:
                     scan(memoryview(buf)[pos:end], match_event_handler=on_match)
                 except terminated:
                     return pos + match_end[0] - 1
+                except failed as exc:
+                    raise _HyperscanFailed(str(exc)) from exc
             return -1
 
         return find_hs
@@ -1817,6 +1823,9 @@ def _hyperscan_head_lines(
         return False
     try:
         spots = _hyperscan_spots(fh, find, q)
+    except _HyperscanFailed:
+        _stop(counter)
+        return False
     except BaseException:
         _stop(counter)
         raise

@@ -348,6 +348,25 @@ def test_hyperscan_without_wc_falls_back(tmp_path: Path, monkeypatch: pytest.Mon
     assert _check(log, 256)
 
 
+def test_hyperscan_failing_mid_scan_falls_back(tmp_path: Path) -> None:
+    import dataclasses
+
+    class Failing:
+        def get(self) -> object:
+            def find(buf: bytes, pos: int, end: int) -> int:
+                raise classify._HyperscanFailed("scratch allocation failed")
+
+            return find
+
+    table = dataclasses.replace(TABLE, candidates_hs=Failing())
+    log = tmp_path / "big.err"
+    log.write_bytes(b"a slurm line\n" + NOISE * 300 + b"ERROR: Error code: 503\n")
+    with open(log, "rb") as fh:
+        assert classify._hyperscan_head_lines(fh, table, 100, log.stat().st_size, str(log)) is False
+    fast = _scan_whole(log, table, window=256, max_window=1 << 30)
+    assert fast is not None and fast[0] == _forward(log)[0]
+
+
 def test_hyperscan_finder_reports_the_line_of_the_first_candidate() -> None:
     finder = classify._HyperscanFinder(b"Traceback|slurm")
     find = finder.get()
