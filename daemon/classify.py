@@ -1746,18 +1746,24 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def _head_newlines(fh: Any, q: int, size: int, total: int) -> int | None:
-    """Newlines in ``[0, q)`` given ``total`` in the whole file: counts only the tail."""
-    tail_lines = 0
-    fh.seek(q)
-    pos = q
-    while pos < size:
-        chunk = fh.read(min(READ_CHUNK, size - pos))
+def _newlines_between(fh: Any, start: int, end: int) -> int | None:
+    """Newlines in ``[start, end)`` of the open file; None if it ends before ``end``."""
+    count = 0
+    fh.seek(start)
+    pos = start
+    while pos < end:
+        chunk = fh.read(min(READ_CHUNK, end - pos))
         if not chunk:
             return None
-        tail_lines += chunk.count(b"\n")
+        count += chunk.count(b"\n")
         pos += len(chunk)
-    return total - tail_lines
+    return count
+
+
+def _head_newlines(fh: Any, q: int, size: int, total: int) -> int | None:
+    """Newlines in ``[0, q)`` given ``total`` in the whole file: counts only the tail."""
+    tail = _newlines_between(fh, q, size)
+    return None if tail is None else total - tail
 
 
 def _hyperscan_spots(
@@ -1837,14 +1843,11 @@ def _hyperscan_head_lines(
         return False
     picker = _Picker(table.candidates_find)
     lines, pos = 0, 0  # newlines in [0, pos)
-    fh.seek(0)
     for offset, raw in spots:
-        while pos < offset:
-            chunk = fh.read(min(READ_CHUNK, offset - pos))
-            if not chunk:
-                return False
-            lines += chunk.count(b"\n")
-            pos += len(chunk)
+        more = _newlines_between(fh, pos, offset)
+        if more is None:
+            return False
+        lines, pos = lines + more, offset
         if not picker.take(raw, lines + 1):
             return None
     head = _head_newlines(fh, q, size, total)

@@ -228,24 +228,6 @@ HEAD_LINES = [
 ]
 
 
-@pytest.mark.skipif(classify._tool("grep") is None, reason="GNU grep not installed")
-def test_grep_head_equals_re2_head(tmp_path: Path) -> None:
-    import random
-
-    rng = random.Random(5)
-    body = b"".join(rng.choice(HEAD_LINES) for _ in range(3000))
-    log = tmp_path / "h.err"
-    log.write_bytes(body + b"tail\n" * 50)
-    q = len(body)
-    with open(log, "rb") as fh:
-        via_grep = classify._grep_head_lines(fh, TABLE, q, log.stat().st_size, str(log))
-        via_re2 = classify._head_lines(fh, TABLE, q)
-    assert via_grep is not False, "grep was available but not used"
-    assert via_grep == via_re2
-    assert via_re2 is not None and via_re2[0] == body.count(b"\n")
-    assert len(via_re2[1]) > 1000  # the candidates were really compared
-
-
 def test_grep_missing_falls_back_to_re2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(classify, "USE_GREP", True)
     monkeypatch.setitem(classify._TOOLS, "grep", None)
@@ -276,25 +258,33 @@ HAVE_HYPERSCAN = TABLE.candidates_hs is not None and TABLE.candidates_hs.get() i
 needs_hyperscan = pytest.mark.skipif(not HAVE_HYPERSCAN, reason="hyperscan not installed")
 
 
-@needs_hyperscan
-@pytest.mark.parametrize("chunk", [7, 64, 4096, 1 << 20])
-def test_hyperscan_head_equals_re2_head(
-    chunk: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("engine", "chunk"),
+    [("grep", 0), ("hyperscan", 7), ("hyperscan", 64), ("hyperscan", 4096), ("hyperscan", 1 << 20)],
+)
+def test_accelerated_head_equals_re2_head(
+    engine: str, chunk: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # lines longer than MAX_LINE_BYTES and lines across reads of every size
+    # lines longer than MAX_LINE_BYTES, odd bytes, and (Hyperscan) lines across reads
     import random
 
-    monkeypatch.setattr(classify, "SPOT_CHUNK", chunk)
-    rng = random.Random(7)
-    body = b"".join(rng.choice(HEAD_LINES) for _ in range(600 if chunk < 64 else 3000))
+    if engine == "grep" and classify._tool("grep") is None:
+        pytest.skip("GNU grep not installed")
+    if engine == "hyperscan" and not HAVE_HYPERSCAN:
+        pytest.skip("hyperscan not installed")
+    accelerated = classify._grep_head_lines if engine == "grep" else classify._hyperscan_head_lines
+    if chunk:
+        monkeypatch.setattr(classify, "SPOT_CHUNK", chunk)
+    rng = random.Random(5 if engine == "grep" else 7)
+    body = b"".join(rng.choice(HEAD_LINES) for _ in range(600 if 0 < chunk < 64 else 3000))
     log = tmp_path / "h.err"
     log.write_bytes(body + b"tail\n" * 50)
     q = len(body)
     with open(log, "rb") as fh:
-        via_hs = classify._hyperscan_head_lines(fh, TABLE, q, log.stat().st_size, str(log))
+        via_tool = accelerated(fh, TABLE, q, log.stat().st_size, str(log))
         via_re2 = classify._head_lines(fh, TABLE, q)
-    assert via_hs is not False, "hyperscan was available but not used"
-    assert via_hs == via_re2
+    assert via_tool is not False, f"{engine} was available but not used"
+    assert via_tool == via_re2
     assert via_re2 is not None and via_re2[0] == body.count(b"\n")
     assert len(via_re2[1]) > 200  # the candidates were really compared
 
