@@ -1652,7 +1652,7 @@ def _head_lines(
             carry = None
         last = chunk.rfind(b"\n", start)
         if last < 0:
-            carry = chunk[start:MAX_LINE_BYTES]
+            carry = chunk[start : start + MAX_LINE_BYTES]
             continue
         counted, pos = start, start
         while pos <= last:

@@ -228,6 +228,35 @@ HEAD_LINES = [
 ]
 
 
+def test_head_line_longer_than_the_rest_of_a_read_keeps_its_first_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: when a line carried over from one read ended early in the next and the
+    # line after it ran past the end of that read, _head_lines kept only its bytes up to
+    # MAX_LINE_BYTES *of the read*, not of the line: a Slurm line near the end of the
+    # line's first 64 KB (what the scanner sees) was lost.
+    monkeypatch.setattr(classify, "READ_CHUNK", 128 << 10)
+    monkeypatch.setattr(classify, "SPOT_CHUNK", 128 << 10)
+    cut = classify.MAX_LINE_BYTES
+    first = b"x" * ((130 << 10) - 1) + b"\n"  # crosses the first read, ends 2 KB into the next
+    second = b"y" * (cut - 40) + b" a slurm line " + b"z" * (300 << 10) + b"\n"
+    body = first + second + NOISE * 10
+    log = tmp_path / "long.err"
+    log.write_bytes(body + b"tail\n")
+    expected = [
+        (n, line[:cut])
+        for n, line in enumerate(body.split(b"\n")[:-1], 1)
+        if TABLE.candidates_find is not None
+        and TABLE.candidates_find(line[:cut], 0, len(line[:cut])) >= 0
+    ]
+    assert [n for n, _ in expected] == [2]
+    with open(log, "rb") as fh:
+        assert classify._head_lines(fh, TABLE, len(body)) == (body.count(b"\n"), expected)
+        if HAVE_HYPERSCAN:
+            got = classify._hyperscan_head_lines(fh, TABLE, len(body), len(body) + 5, str(log))
+            assert got == (body.count(b"\n"), expected)
+
+
 def test_grep_missing_falls_back_to_re2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(classify, "USE_GREP", True)
     monkeypatch.setitem(classify._TOOLS, "grep", None)
