@@ -1620,39 +1620,46 @@ class _Picker:
         return True
 
 
-def _head_lines(
-    fh: Any, table: SignatureTable, q: int
-) -> tuple[int, list[tuple[int, bytes]]] | None:
-    """(newlines in ``[0, q)``, candidate lines there as (line_no, first MAX_LINE_BYTES)),
-    or None when a candidate may sit inside a traceback or there are too many."""
-    find = table.candidates_find
-    assert find is not None
-    picker = _Picker(find)
-    take, out = picker.take, picker.out
-    lines = 0  # newlines before the current chunk
-    carry: bytes | None = None  # start of a line begun in an earlier chunk
-
+def _head_candidates(
+    fh: Any,
+    find: Callable[[bytes, int, int], int],
+    q: int,
+    chunk_size: int,
+    take: Callable[[int, int, bytes], bool],
+    *,
+    count_lines: bool,
+) -> int | None:
+    """Calls ``take(offset, line_no, first MAX_LINE_BYTES)`` for each line in ``[0, q)``
+    where ``find`` sees a candidate, in file order; ``line_no`` means something only when
+    ``count_lines`` (the Hyperscan path counts elsewhere, and only where it must: counting
+    costs more than its search). Returns the newlines in ``[0, q)`` (0 when not counting),
+    or None when ``take`` refused a line or the file changed under the read."""
+    lines = 0  # newlines before ``counted`` (in this chunk) when counting
+    carry: tuple[int, bytes] | None = None  # (offset, start) of a line begun in an earlier chunk
     fh.seek(0)
     pos_abs = 0
     while pos_abs < q:
-        chunk = fh.read(min(READ_CHUNK, q - pos_abs))
+        chunk = fh.read(min(chunk_size, q - pos_abs))
         if not chunk:
             return None  # the file shrank under us
+        base = pos_abs
         pos_abs += len(chunk)
         start = 0
         if carry is not None:
             nl = chunk.find(b"\n")
             if nl < 0:
-                carry = (carry + chunk)[:MAX_LINE_BYTES]
+                carry = (carry[0], (carry[1] + chunk)[:MAX_LINE_BYTES])
                 continue
-            if not take((carry + chunk[:nl])[:MAX_LINE_BYTES], lines + 1):
+            raw = (carry[1] + chunk[:nl])[:MAX_LINE_BYTES]
+            if find(raw, 0, len(raw)) >= 0 and not take(carry[0], lines + 1, raw):
                 return None
-            lines += 1
-            start = nl + 1
-            carry = None
+            if count_lines:
+                lines += 1
+            start, carry = nl + 1, None
         last = chunk.rfind(b"\n", start)
         if last < 0:
-            carry = chunk[start : start + MAX_LINE_BYTES]
+            if start < len(chunk):
+                carry = (base + start, chunk[start : start + MAX_LINE_BYTES])
             continue
         counted, pos = start, start
         while pos <= last:
@@ -1661,16 +1668,31 @@ def _head_lines(
                 break
             ls = max(chunk.rfind(b"\n", pos, hit) + 1, pos)
             le = chunk.find(b"\n", hit, last + 1)
-            lines += chunk.count(b"\n", counted, ls)
-            counted = ls
-            if not take(chunk[ls : min(le, ls + MAX_LINE_BYTES)], lines + 1):
+            if count_lines:
+                lines += chunk.count(b"\n", counted, ls)
+                counted = ls
+            if not take(base + ls, lines + 1, chunk[ls : min(le, ls + MAX_LINE_BYTES)]):
                 return None
             pos = le + 1
-        lines += chunk.count(b"\n", counted, last + 1)
-        carry = chunk[last + 1 : last + 1 + MAX_LINE_BYTES] if last + 1 < len(chunk) else None
-    if carry is not None:
-        return None  # q is a line start: cannot happen unless the file changed
-    return lines, out
+        if count_lines:
+            lines += chunk.count(b"\n", counted, last + 1)
+        if last + 1 < len(chunk):
+            carry = (base + last + 1, chunk[last + 1 : last + 1 + MAX_LINE_BYTES])
+    return None if carry is not None else lines  # q is a line start unless the file changed
+
+
+def _head_lines(
+    fh: Any, table: SignatureTable, q: int
+) -> tuple[int, list[tuple[int, bytes]]] | None:
+    """(newlines in ``[0, q)``, candidate lines there as (line_no, first MAX_LINE_BYTES)),
+    or None when a candidate may sit inside a traceback or there are too many."""
+    find = table.candidates_find
+    assert find is not None
+    picker = _Picker(find)
+    lines = _head_candidates(
+        fh, find, q, READ_CHUNK, lambda _offset, n, raw: picker.take(raw, n), count_lines=True
+    )
+    return None if lines is None else (lines, picker.out)
 
 
 # GNU grep over a big file's head (``_grep_head_lines``): its address space is capped (a
@@ -1766,53 +1788,6 @@ def _head_newlines(fh: Any, q: int, size: int, total: int) -> int | None:
     return None if tail is None else total - tail
 
 
-def _hyperscan_spots(
-    fh: Any, find: Callable[[bytes, int, int], int], q: int
-) -> list[tuple[int, bytes]] | None:
-    """(offset, first MAX_LINE_BYTES) of each line in ``[0, q)`` where ``find`` sees a
-    candidate; None when there are too many (the forward scan is then as fast) or the file
-    shrank. Lines are not counted here: that costs more than the search."""
-    spots: list[tuple[int, bytes]] = []
-    carry: tuple[int, bytes] | None = None  # a line begun in an earlier chunk
-    fh.seek(0)
-    pos_abs = 0
-    while pos_abs < q:
-        chunk = fh.read(min(SPOT_CHUNK, q - pos_abs))
-        if not chunk:
-            return None
-        base = pos_abs
-        pos_abs += len(chunk)
-        start = 0
-        if carry is not None:
-            nl = chunk.find(b"\n")
-            if nl < 0:
-                carry = (carry[0], (carry[1] + chunk)[:MAX_LINE_BYTES])
-                continue
-            raw = (carry[1] + chunk[:nl])[:MAX_LINE_BYTES]
-            if find(raw, 0, len(raw)) >= 0:
-                spots.append((carry[0], raw))
-            start, carry = nl + 1, None
-        last = chunk.rfind(b"\n", start)
-        if last < 0:
-            if start < len(chunk):
-                carry = (base + start, chunk[start : start + MAX_LINE_BYTES])
-            continue
-        pos = start
-        while pos <= last:
-            hit = find(chunk, pos, last + 1)
-            if hit < 0:
-                break
-            ls = max(chunk.rfind(b"\n", pos, hit) + 1, pos)
-            le = chunk.find(b"\n", hit, last + 1)
-            spots.append((base + ls, chunk[ls : min(le, ls + MAX_LINE_BYTES)]))
-            if len(spots) > 2 * MAX_HEAD_CANDIDATES:
-                return None
-            pos = le + 1
-        if last + 1 < len(chunk):
-            carry = (base + last + 1, chunk[last + 1 : last + 1 + MAX_LINE_BYTES])
-    return None if carry is not None else spots  # q is a line start unless the file changed
-
-
 def _hyperscan_head_lines(
     fh: Any, table: SignatureTable, q: int, size: int, path: str
 ) -> tuple[int, list[tuple[int, bytes]]] | Literal[False] | None:
@@ -1827,15 +1802,21 @@ def _hyperscan_head_lines(
     counter = _start_wc(fh, path)
     if counter is None:
         return False
+    spots: list[tuple[int, bytes]] = []  # (offset, first MAX_LINE_BYTES): counted below
+
+    def keep(offset: int, _line_no: int, raw: bytes) -> bool:
+        spots.append((offset, raw))
+        return len(spots) <= 2 * MAX_HEAD_CANDIDATES  # more: the forward scan is as fast
+
     try:
-        spots = _hyperscan_spots(fh, find, q)
+        found = _head_candidates(fh, find, q, SPOT_CHUNK, keep, count_lines=False)
     except _HyperscanFailed:
         _stop(counter)
         return False
     except BaseException:
         _stop(counter)
         raise
-    if spots is None:
+    if found is None:
         _stop(counter)
         return None
     total = _wc_newlines(counter, size)
