@@ -10,7 +10,7 @@ near tracebacks, window doubling)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -257,13 +257,21 @@ def test_head_line_longer_than_the_rest_of_a_read_keeps_its_first_bytes(
             assert got == (body.count(b"\n"), expected)
 
 
-def test_grep_missing_falls_back_to_re2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(classify, "USE_GREP", True)
-    monkeypatch.setitem(classify._TOOLS, "grep", None)
+def _declined_by(
+    head_search: Callable[..., object], table: classify.SignatureTable, tmp_path: Path
+) -> Path:
+    """A big log whose head ``head_search`` must decline (False: take the next way)."""
     log = tmp_path / "big.err"
     log.write_bytes(b"a slurm line\n" + NOISE * 300 + b"ERROR: Error code: 503\n")
     with open(log, "rb") as fh:
-        assert classify._grep_head_lines(fh, TABLE, 100, log.stat().st_size, str(log)) is False
+        assert head_search(fh, table, 100, log.stat().st_size, str(log)) is False
+    return log
+
+
+def test_grep_missing_falls_back_to_re2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(classify, "USE_GREP", True)
+    monkeypatch.setitem(classify._TOOLS, "grep", None)
+    log = _declined_by(classify._grep_head_lines, TABLE, tmp_path)
     assert _check(log, 256)
 
 
@@ -274,10 +282,7 @@ def test_grep_failing_falls_back_to_re2(tmp_path: Path, monkeypatch: pytest.Monk
     fake.chmod(0o755)
     monkeypatch.setattr(classify, "USE_GREP", True)
     monkeypatch.setitem(classify._TOOLS, "grep", str(fake))
-    log = tmp_path / "big.err"
-    log.write_bytes(b"a slurm line\n" + NOISE * 300 + b"ERROR: Error code: 503\n")
-    with open(log, "rb") as fh:
-        assert classify._grep_head_lines(fh, TABLE, 100, log.stat().st_size, str(log)) is False
+    log = _declined_by(classify._grep_head_lines, TABLE, tmp_path)
     assert _check(log, 256)
 
 
@@ -285,6 +290,17 @@ def test_grep_failing_falls_back_to_re2(tmp_path: Path, monkeypatch: pytest.Monk
 
 HAVE_HYPERSCAN = TABLE.candidates_hs is not None and TABLE.candidates_hs.get() is not None
 needs_hyperscan = pytest.mark.skipif(not HAVE_HYPERSCAN, reason="hyperscan not installed")
+
+
+def _accelerator(engine: str) -> Callable[..., object]:
+    """The head search of ``engine`` ("grep" or "hyperscan"); skips when it is not here."""
+    if engine == "grep":
+        if classify._tool("grep") is None:
+            pytest.skip("GNU grep not installed")
+        return classify._grep_head_lines
+    if not HAVE_HYPERSCAN:
+        pytest.skip("hyperscan not installed")
+    return classify._hyperscan_head_lines
 
 
 @pytest.mark.parametrize(
@@ -297,11 +313,7 @@ def test_accelerated_head_equals_re2_head(
     # lines longer than MAX_LINE_BYTES, odd bytes, and (Hyperscan) lines across reads
     import random
 
-    if engine == "grep" and classify._tool("grep") is None:
-        pytest.skip("GNU grep not installed")
-    if engine == "hyperscan" and not HAVE_HYPERSCAN:
-        pytest.skip("hyperscan not installed")
-    accelerated = classify._grep_head_lines if engine == "grep" else classify._hyperscan_head_lines
+    accelerated = _accelerator(engine)
     if chunk:
         monkeypatch.setattr(classify, "SPOT_CHUNK", chunk)
     rng = random.Random(5 if engine == "grep" else 7)
@@ -328,31 +340,13 @@ def test_hyperscan_head_without_candidates_counts_lines_with_wc(tmp_path: Path) 
     assert got == (body.count(b"\n"), [])
 
 
-@needs_hyperscan
-def test_hyperscan_head_reads_the_open_file_not_a_rotated_one(tmp_path: Path) -> None:
-    log = tmp_path / "rot.err"
-    body = NOISE * 20 + b"a slurm line\n" + NOISE * 50
-    log.write_bytes(body + b"tail\n")
-    with open(log, "rb") as fh:
-        replacement = tmp_path / "new.err"
-        replacement.write_bytes(NOISE * 80 + b"Killed\n" + b"tail\n")
-        os.replace(replacement, log)  # rotated after the scan opened it
-        got = classify._hyperscan_head_lines(fh, TABLE, len(body), len(body) + 5, str(log))
-        assert got is not False
-        assert got == classify._head_lines(fh, TABLE, len(body))
-        assert got is not None and [n for n, _ in got[1]] == [81]
-
-
 def test_hyperscan_missing_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "hyperscan", None)  # "import hyperscan" fails
     table = build_table(SETTINGS)
     assert table.candidates_hs is not None and table.candidates_hs.get() is None
-    log = tmp_path / "big.err"
-    log.write_bytes(b"a slurm line\n" + NOISE * 300 + b"ERROR: Error code: 503\n")
-    with open(log, "rb") as fh:
-        assert classify._hyperscan_head_lines(fh, table, 100, log.stat().st_size, str(log)) is False
+    log = _declined_by(classify._hyperscan_head_lines, table, tmp_path)
     fast = _scan_whole(log, table, window=256, max_window=1 << 30)
     assert fast is not None and fast[0] == _forward(log)[0]
 
@@ -360,10 +354,7 @@ def test_hyperscan_missing_falls_back(tmp_path: Path, monkeypatch: pytest.Monkey
 @needs_hyperscan
 def test_hyperscan_without_wc_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(classify._TOOLS, "wc", None)
-    log = tmp_path / "big.err"
-    log.write_bytes(b"a slurm line\n" + NOISE * 300 + b"ERROR: Error code: 503\n")
-    with open(log, "rb") as fh:
-        assert classify._hyperscan_head_lines(fh, TABLE, 100, log.stat().st_size, str(log)) is False
+    log = _declined_by(classify._hyperscan_head_lines, TABLE, tmp_path)
     assert _check(log, 256)
 
 
@@ -378,10 +369,7 @@ def test_hyperscan_failing_mid_scan_falls_back(tmp_path: Path) -> None:
             return find
 
     table = dataclasses.replace(TABLE, candidates_hs=Failing())
-    log = tmp_path / "big.err"
-    log.write_bytes(b"a slurm line\n" + NOISE * 300 + b"ERROR: Error code: 503\n")
-    with open(log, "rb") as fh:
-        assert classify._hyperscan_head_lines(fh, table, 100, log.stat().st_size, str(log)) is False
+    log = _declined_by(classify._hyperscan_head_lines, table, tmp_path)
     fast = _scan_whole(log, table, window=256, max_window=1 << 30)
     assert fast is not None and fast[0] == _forward(log)[0]
 
@@ -458,16 +446,19 @@ def test_grep_out_of_memory_on_a_huge_line_falls_back(tmp_path: Path) -> None:
     assert via_re2 is not None and [n for n, _ in via_re2[1]] == [2]
 
 
-@pytest.mark.skipif(classify._tool("grep") is None, reason="GNU grep not installed")
-def test_grep_reads_the_open_file_not_a_rotated_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("engine", "noise_before"), [("grep", 0), ("hyperscan", 20)])
+def test_accelerated_head_reads_the_open_file_not_a_rotated_one(
+    engine: str, noise_before: int, tmp_path: Path
+) -> None:
+    accelerated = _accelerator(engine)
     log = tmp_path / "rot.err"
-    body = b"a slurm line\n" + NOISE * 50
+    body = NOISE * noise_before + b"a slurm line\n" + NOISE * 50
     log.write_bytes(body + b"tail\n")
     with open(log, "rb") as fh:
         replacement = tmp_path / "new.err"
         replacement.write_bytes(NOISE * 80 + b"Killed\n" + b"tail\n")
         os.replace(replacement, log)  # rotated after the scan opened it
-        got = classify._grep_head_lines(fh, TABLE, len(body), len(body) + 5, str(log))
+        got = accelerated(fh, TABLE, len(body), len(body) + 5, str(log))
         assert got is not False
         assert got == classify._head_lines(fh, TABLE, len(body))
-        assert got is not None and [n for n, _ in got[1]] == [1]
+        assert got is not None and [n for n, _ in got[1]] == [4 * noise_before + 1]
